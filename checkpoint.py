@@ -1,0 +1,163 @@
+"""Reading and writing weight folders, shared by every loader and writer.
+
+Why one module: the CLIP, Llama, multimodal and converter code all read the same on-disk
+layouts (a single `model.safetensors`, shards with `model.safetensors.index.json`, or a legacy
+`pytorch_model.bin`). Each caller owns its own *key map* (one explicit prefix table per foreign
+format); this file only streams tensors, renames them by that table and loads them strictly.
+
+Loading is lazy and strict, the way gpt-fast and torchtitan do it:
+  1. the caller builds the module on the `meta` device (no memory, no random init),
+  2. tensors are streamed one at a time with `safe_open` and cast to the target dtype once,
+  3. `load_state_dict(strict=True, assign=True)` adopts them as the parameters.
+Peak memory is the size of the loaded model, not twice it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the module: names the key and the file."""
+
+
+def load_hf_config(folder: str | Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in {folder}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The weight files of a folder (or a single file), safetensors preferred over .bin."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such checkpoint: {path}")
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (path / s).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index} lists shards that are not there: {missing}")
+            return [path / s for s in shards]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return [path / name]
+    found = sorted(path.glob("*.safetensors"))
+    if found:
+        return found
+    raise FileNotFoundError(f"no weights in {path} (looked for model.safetensors[.index.json], "
+                            f"pytorch_model.bin[.index.json], *.safetensors)")
+
+
+def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """Yield (key, tensor, file) one tensor at a time from a folder or file."""
+    for file in weight_files(path):
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key), file
+        else:
+            # Legacy pickle checkpoints: weights_only refuses arbitrary code; mmap avoids a copy.
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            for key, tensor in state.items():
+                yield key, tensor, file
+
+
+def rename(key: str, key_map: dict[str, str]) -> str | None:
+    """Rename by the longest matching prefix of `key_map`; None when no prefix matches."""
+    best = None
+    for src in key_map:
+        if key.startswith(src) and (best is None or len(src) > len(best)):
+            best = src
+    return None if best is None else key_map[best] + key[len(best):]
+
+
+def load_state(module: nn.Module, path: str | Path, key_map: dict[str, str], *,
+               ignore: tuple[str, ...] = (), dtype: torch.dtype | None = None,
+               strict: bool = True) -> list[str]:
+    """Stream the tensors of `path` into `module` (usually built on `meta`).
+
+    key_map renames foreign keys by prefix (longest wins); keys starting with a prefix in
+    `ignore` are skipped. Unknown keys, wrong shapes and (if strict) missing keys are errors
+    naming the key and the file. Returns the keys that were loaded (module names).
+    With strict=False, missing keys are allowed (several sources fill one model) but unknown
+    keys and wrong shapes are still errors.
+    """
+    expected = module.state_dict(keep_vars=True)
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor, file in iter_tensors(path):
+        if any(key.startswith(p) for p in ignore):
+            continue
+        name = rename(key, key_map)
+        if name is None or name not in expected:
+            raise CheckpointError(f"unexpected key {key!r} in {file}"
+                                  + (f" (mapped to {name!r})" if name and name != key else ""))
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"wrong shape for {key!r} in {file}: checkpoint "
+                                  f"{tuple(tensor.shape)}, model expects {tuple(expected[name].shape)}")
+        if name in state:
+            raise CheckpointError(f"key {name!r} appears twice (again in {file})")
+        target = dtype if dtype is not None and tensor.is_floating_point() else expected[name].dtype
+        if not tensor.is_floating_point():
+            target = tensor.dtype
+        state[name] = tensor.to(target)
+    missing = [k for k in expected if k not in state]
+    if strict and missing:
+        raise CheckpointError(f"missing keys in {path}: {missing[:10]}"
+                              + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+    module.load_state_dict(state, strict=strict, assign=True)
+    return list(state)
+
+
+def materialized(module: nn.Module) -> None:
+    """Raise if any parameter or buffer is still on `meta` (i.e. no source provided it)."""
+    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers())
+            if t.is_meta]
+    if left:
+        raise CheckpointError(f"no weights were loaded for: {left[:10]}"
+                              + (f" and {len(left) - 10} more" if len(left) > 10 else ""))
+
+
+def save_state(state_dict: dict[str, torch.Tensor], folder: str | Path, *,
+               max_shard_bytes: int | None = None, metadata: dict | None = None) -> list[Path]:
+    """Write `state_dict` as model.safetensors, or as size-capped shards plus an index."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses shared or non-contiguous storage; tied weights are saved once by callers.
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    meta = {"format": "pt", **(metadata or {})}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        save_file(tensors, str(folder / "model.safetensors"), metadata=meta)
+        return [folder / "model.safetensors"]
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += n
+    files, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata=meta)
+        files.append(folder / name)
+        weight_map.update({k: name for k in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return files

@@ -1,0 +1,374 @@
+"""LLaMA decoder (Llama 2, Llama 3, Llama 3.1): the language model of Doctor Sun.
+
+Pre-norm decoder: RMSNorm -> GQA attention with rotary positions -> residual, RMSNorm -> SwiGLU MLP
+-> residual; a final RMSNorm and an LM head. Parameter names are those of Hugging Face's
+`LlamaForCausalLM` minus the leading "model.", so an HF checkpoint loads through a two-entry prefix
+map and HF's q/k weights (already in rotate-half layout) need no permutation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import Tensor
+
+from checkpoint import load_hf_config, load_state
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF dict, e.g. {"rope_type": "llama3", "factor": 8.0, ...}
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    head_dim: int | None = None  # hidden_size // num_attention_heads when None
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                                 f"{self.num_attention_heads}; set head_dim explicitly")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads} (GQA needs equal groups)")
+        if self.rope_scaling is not None:
+            rs = dict(self.rope_scaling)
+            rs.setdefault("rope_type", rs.pop("type", "default"))  # very old configs say "type"
+            if rs["rope_type"] == "default":
+                rs = None
+            elif rs["rope_type"] == "llama3":
+                # transformers falls back to max_position_embeddings when the original length is absent
+                rs.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+                missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in rs]
+                if missing:
+                    raise ValueError(f"rope_scaling of type llama3 lacks {missing}: {self.rope_scaling}")
+            else:
+                raise ValueError(f"rope_type {rs['rope_type']!r} is not supported (only 'default' and 'llama3'): "
+                                 f"{self.rope_scaling}")
+            self.rope_scaling = rs
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> LlamaConfig:
+        if name not in presets:
+            raise KeyError(f"unknown Llama preset {name!r}; choose one of {sorted(presets)}")
+        return cls(**{**presets[name], **overrides})
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> LlamaConfig:
+        """Read an HF config.json dict: a LlamaForCausalLM config or a llava-hf one (its `text_config`).
+
+        RoPE settings come in two styles: hub files have top-level `rope_theta` and `rope_scaling`;
+        transformers 5 writes `rope_parameters` = {rope_theta, rope_type, factor, ...}. Keys a file
+        omits take transformers' LlamaConfig defaults, as transformers itself would (older llava-hf
+        text_configs store only the non-default fields).
+        """
+        cfg = cfg.get("text_config", cfg)
+        if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise ValueError("only the standard Llama (silu MLP, no attention/MLP biases) is supported; got "
+                             f"hidden_act={cfg.get('hidden_act')}, attention_bias={cfg.get('attention_bias')}, "
+                             f"mlp_bias={cfg.get('mlp_bias')}")
+        get = lambda k: cfg.get(k, _HF_DEFAULTS[k])  # noqa: E731
+        rope = cfg.get("rope_parameters")
+        if rope:
+            rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+            rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        else:
+            rope_theta, rope_scaling = cfg.get("rope_theta", 10000.0), cfg.get("rope_scaling")
+        heads = get("num_attention_heads")
+        return cls(
+            vocab_size=get("vocab_size"), hidden_size=get("hidden_size"), num_hidden_layers=get("num_hidden_layers"),
+            num_attention_heads=heads, num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            intermediate_size=get("intermediate_size"), rms_norm_eps=get("rms_norm_eps"),
+            rope_theta=float(rope_theta), rope_scaling=rope_scaling,
+            max_position_embeddings=get("max_position_embeddings"), tie_word_embeddings=get("tie_word_embeddings"),
+            bos_token_id=get("bos_token_id"), eos_token_id=get("eos_token_id"), head_dim=cfg.get("head_dim"),
+        )
+
+    def to_hf(self) -> dict:
+        """A config.json dict for transformers' LlamaForCausalLM, in hub style (what Meta's repos hold)."""
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim, "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+            "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
+            "initializer_range": 0.02, "use_cache": True,
+        }
+
+
+# transformers' LlamaConfig defaults (configuration_llama.py, 5.24), for keys a config.json omits.
+_HF_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                    num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+_LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8, intermediate_size=14336, rms_norm_eps=1e-5, rope_theta=500000.0,
+                  bos_token_id=128000)
+presets = {
+    # meta-llama/Meta-Llama-3-8B-Instruct/config.json
+    "Llama-3-8B-Instruct": dict(_LLAMA3_8B, max_position_embeddings=8192, eos_token_id=128009),
+    # meta-llama/Llama-3.1-8B-Instruct/config.json
+    "Llama-3.1-8B-Instruct": dict(
+        _LLAMA3_8B, max_position_embeddings=131072, eos_token_id=[128001, 128008, 128009],
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192}),
+    # meta-llama/Llama-2-7b-chat-hf/config.json
+    "Llama-2-7b-chat-hf": dict(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                               num_key_value_heads=32, intermediate_size=11008, rms_norm_eps=1e-5,
+                               rope_theta=10000.0, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2),
+    # Ours: a Llama-3-shaped demo model (GQA 8:4, theta 500000) small enough to train on a 2-core CPU.
+    "tiny": dict(vocab_size=2048, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=4, intermediate_size=688, rope_theta=500000.0, max_position_embeddings=2048),
+}
+
+
+def rope_inv_freq(config: LlamaConfig, device=None) -> Tensor:
+    """Inverse frequencies (head_dim/2,) in fp32, with Llama-3.1 wavelength-band scaling if configured.
+
+    Llama 3.1 stretches context 8x by dividing the low frequencies (wavelengths longer than the original
+    context / low_freq_factor) by `factor`, keeping the high ones (shorter than context / high_freq_factor)
+    and interpolating between; mirrors `_compute_llama3_parameters` in transformers' modeling_rope_utils.
+    """
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
+    rs = config.rope_scaling
+    if rs is None:
+        return inv_freq
+    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_len = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE: x (B, nh, T, hd), cos/sin (B, T, hd). Dims i and i + hd/2 form a rotating pair."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight; the statistics in fp32 because bf16 sums of squares lose too much precision."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)  # cast back before the weight, as HF does (bit-level parity)
+
+
+class KVCache(nn.Module):
+    """Keys/values of every position decoded so far, for one layer. Created only by generation."""
+
+    def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k/v (B, n_kv, T, hd) at [input_pos, input_pos+T); return the filled prefix [0, input_pos+T)."""
+        end = input_pos + k.shape[2]
+        if end > self.k_cache.shape[2] or k.shape[0] != self.k_cache.shape[0]:
+            raise ValueError(f"KV cache holds batch {self.k_cache.shape[0]} x {self.k_cache.shape[2]} positions; "
+                             f"got batch {k.shape[0]} writing positions [{input_pos}, {end})")
+        self.k_cache[:, :, input_pos:end] = k
+        self.v_cache[:, :, input_pos:end] = v
+        return self.k_cache[:, :, :end], self.v_cache[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=False)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, input_pos=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd), S = input_pos + T
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, input_pos=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, input_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.tie_weights()
+        # Non-persistent: derived from the config, absent from checkpoints (HF drops its rotary buffers too).
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.gradient_checkpointing = False
+
+    def tie_weights(self):
+        """Make lm_head share embed_tokens' Parameter (again after anything that replaces either one)."""
+        self.lm_head.weight = self.embed_tokens.weight
+
+    def init_buffers(self, device=None):
+        """(Re)create the fp32 RoPE frequencies, e.g. after building on meta and loading with assign=True."""
+        device = device if device is not None else self.embed_tokens.weight.device
+        self.inv_freq = rope_inv_freq(self.config, device=device)
+
+    def make_kv_caches(self, batch_size, max_seq_len, dtype=None, device=None) -> nn.ModuleList:
+        w = self.embed_tokens.weight
+        c = self.config
+        return nn.ModuleList(KVCache(batch_size, max_seq_len, c.num_key_value_heads, c.head_dim,
+                                     dtype or w.dtype, device or w.device) for _ in self.layers)
+
+    def forward_hidden(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None,
+                       position_ids: Tensor | None = None, kv_caches=None, input_pos: int = 0) -> Tensor:
+        """inputs_embeds (B, T, D) -> final hidden states (B, T, D), after the final norm.
+
+        attention_mask (B, S): 1 = real token, 0 = pad, over ALL key positions S = input_pos + T (with a cache,
+        everything written so far plus this chunk). Default positions count real tokens only, so a left-padded
+        row starts at 0 and generation continues the positions its prompt used.
+        """
+        B, T, _ = inputs_embeds.shape
+        S, device = input_pos + T, inputs_embeds.device
+        if kv_caches is None and input_pos != 0:
+            raise ValueError(f"input_pos={input_pos} needs kv_caches (without a cache the keys start at 0)")
+        if attention_mask is not None and attention_mask.shape != (B, S):
+            raise ValueError(f"attention_mask must be (batch, input_pos + T) = {(B, S)}, got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, input_pos:]  # (B, T)
+            else:
+                position_ids = torch.arange(input_pos, S, device=device).expand(B, T)
+
+        if attention_mask is not None and kv_caches is None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: let SDPA take its fused causal path
+        mask = None  # None -> is_causal=True (no padding, no cache: T == S)
+        if attention_mask is not None or kv_caches is not None:
+            q_pos = torch.arange(input_pos, S, device=device)[:, None]  # (T, 1) absolute query positions
+            k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+            mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S) causal
+            if attention_mask is not None:
+                mask = mask & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S) and key is not padding
+                # A pad query (e.g. the first columns of a left-padded row) would otherwise see no key at all;
+                # some SDPA backends return NaN for a fully masked row, and NaN spreads through later layers.
+                # Letting each query see itself changes nothing for real queries (their own key is real).
+                mask = mask | (k_pos == q_pos)
+
+        if self.inv_freq.dtype != torch.float32 or self.inv_freq.device != device:
+            # model.to(bf16) casts buffers too; bf16 frequencies put far positions off by whole rotations.
+            self.init_buffers(device)
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2) in fp32
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+        cos, sin = emb.cos().to(inputs_embeds.dtype), emb.sin().to(inputs_embeds.dtype)
+
+        x = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            cache = kv_caches[i] if kv_caches is not None else None
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, input_pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, input_pos)
+        return self.norm(x)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                kv_caches=None, input_pos: int = 0) -> Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab)."""
+        h = self.forward_hidden(self.embed_tokens(input_ids), attention_mask, position_ids, kv_caches, input_pos)
+        return self.lm_head(h)
+
+
+# HF LlamaForCausalLM checkpoint -> our names (prefix map for checkpoint.load_state).
+HF_KEY_MAP = {"model.": "", "lm_head.": "lm_head."}
+
+
+def hf_ignore(config: LlamaConfig) -> tuple[str, ...]:
+    """Rotary buffers that transformers saved in some versions (per layer before 4.36); derived, never loaded."""
+    return ("model.rotary_emb.",) + tuple(f"model.layers.{i}.self_attn.rotary_emb." for i in range(config.num_hidden_layers))
+
+
+def from_pretrained(path, dtype=torch.float32, device=None) -> Llama:
+    """Load an HF LlamaForCausalLM folder (config.json + safetensors shards or pytorch_model.bin).
+
+    Built on meta and filled by assignment from memory-mapped tensors, so peak memory is about one copy
+    of the weights, not two.
+    """
+    config = LlamaConfig.from_hf(load_hf_config(path))
+    with torch.device("meta"):
+        model = Llama(config)
+    ignore = hf_ignore(config)
+    if config.tie_word_embeddings:
+        # Tied HF checkpoints hold only embed_tokens.weight (some older savers add a copy as lm_head.weight):
+        # detach the alias while loading so the strict key check sees one tensor, then tie again.
+        lm_head, model.lm_head = model.lm_head, None
+        ignore = ignore + ("lm_head.",)
+    load_state(model, path, HF_KEY_MAP, ignore=ignore, dtype=dtype)
+    if config.tie_word_embeddings:
+        model.lm_head = lm_head
+        model.tie_weights()
+    if device is not None:
+        model.to(device)
+    model.init_buffers()
+    return model.eval()

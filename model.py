@@ -1,0 +1,465 @@
+"""The multimodal model: CLIP ViT -> projector -> spliced into LLaMA's input embeddings.
+
+    pixel_values (n_img, 3, S, S) --vision--> (n_img, N, D_vit) --projector--> (n_img, N, D_llm)
+    input_ids (B, T) with N placeholder ids per image --embed_tokens--> (B, T, D_llm)
+    masked_scatter the image rows into the placeholder positions --llm--> logits (B, T, V)
+
+Placeholders: the data pipeline (and `transformers`' processor) expand each image into N
+placeholder ids before the model sees them; the original LLaVA / xtuner path keeps a single
+placeholder (-200) and expands inside the model. We accept both: a lone placeholder is expanded
+here, and the total count is checked against the number of image features.
+
+Loading (`from_pretrained`) understands three layouts: this project's own checkpoints (full or
+partial, with LoRA adapters), the `transformers` LLaVA layout (old and new key names) and the
+original LLaVA layout that Doctor Sun released. Writing foreign layouts is convert.py's job.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import checkpoint
+import clip
+import llama
+import lora
+import projector
+
+IGNORE_INDEX = -100
+IMAGE_TOKEN_ID = -200  # LLaVA's IMAGE_TOKEN_INDEX: a placeholder id outside every vocabulary
+FORMAT = "doctor-sun"  # marks this project's own checkpoint folders (config.json "format")
+
+
+@dataclass
+class ModelConfig:
+    vision: clip.ClipConfig
+    llm: llama.LlamaConfig
+    projector_type: str = "mlp2x_gelu"
+    image_token_id: int = IMAGE_TOKEN_ID
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_tokens
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in presets:
+            raise KeyError(f"unknown model preset {name!r}; known: {sorted(presets)}")
+        vision, llm = presets[name]
+        return cls(vision=clip.ClipConfig.from_name(vision), llm=llama.LlamaConfig.from_name(llm),
+                   **overrides)
+
+    def to_dict(self) -> dict:
+        return {"vision": asdict(self.vision), "llm": asdict(self.llm),
+                "projector_type": self.projector_type, "image_token_id": self.image_token_id}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(vision=clip.ClipConfig(**d["vision"]), llm=llama.LlamaConfig(**d["llm"]),
+                   projector_type=d.get("projector_type", "mlp2x_gelu"),
+                   image_token_id=d.get("image_token_id", IMAGE_TOKEN_ID))
+
+
+# (vision preset, llm preset). Doctor Sun = LLaVA-1.5 recipe on a Llama-3.1-8B-Instruct derivative.
+presets: dict[str, tuple[str, str]] = {
+    "doctor-sun": ("clip-vit-large-patch14-336", "Llama-3.1-8B-Instruct"),
+    "llava-llama3-8b": ("clip-vit-large-patch14-336", "Llama-3-8B-Instruct"),
+    "llava-llama2-7b": ("clip-vit-large-patch14-336", "Llama-2-7b-chat-hf"),
+    "tiny": ("tiny", "tiny"),
+}
+
+
+class DoctorSun(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.vision = clip.VisionTransformer(config.vision)
+        self.projector = projector.build(config.projector_type, config.vision.hidden_size,
+                                         config.llm.hidden_size)
+        self.llm = llama.Llama(config.llm)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.config.num_image_tokens
+
+    # ---- splicing ---------------------------------------------------------------------------
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n_img, 3, S, S) -> (n_img, N, D_llm)."""
+        # A frozen ViT needs no autograd graph (pretrain stage, or finetune without ViT LoRA):
+        # skipping it saves the activations of every ViT layer.
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(needs_grad):
+            feats = self.vision(pixel_values)  # (n_img, N, D_vit)
+        return self.projector(feats.to(self.projector[0].weight.dtype))
+
+    def expand_image_tokens(self, input_ids, attention_mask=None, labels=None):
+        """Expand every lone placeholder into `num_image_tokens` placeholders.
+
+        Runs of placeholders that are already `num_image_tokens` long (the processor's layout) are
+        left alone. Rows are re-padded on the side they were padded on.
+        """
+        n, img = self.num_image_tokens, self.image_token_id
+        is_img = input_ids == img
+        prev = F.pad(is_img[:, :-1], (1, 0), value=False)
+        nxt = F.pad(is_img[:, 1:], (0, 1), value=False)
+        lone = is_img & ~prev & ~nxt
+        if n == 1 or not lone.any():
+            return input_ids, attention_mask, labels
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        left = bool((attention_mask[:, 0] == 0).any()) and not bool((attention_mask[:, -1] == 0).any())
+        rows = []
+        for b in range(input_ids.shape[0]):
+            keep = attention_mask[b].bool()
+            reps = torch.where(lone[b], n, 1)[keep]
+            row_ids = input_ids[b][keep].repeat_interleave(reps)
+            row_lab = None
+            if labels is not None:
+                lab = labels[b][keep].clone()
+                lab[lone[b][keep]] = IGNORE_INDEX
+                row_lab = lab.repeat_interleave(reps)
+            rows.append((row_ids, row_lab))
+        T = max(r[0].numel() for r in rows)
+        ids = input_ids.new_zeros(len(rows), T)
+        mask = attention_mask.new_zeros(len(rows), T)
+        labs = None if labels is None else labels.new_full((len(rows), T), IGNORE_INDEX)
+        for b, (row_ids, row_lab) in enumerate(rows):
+            sl = slice(T - row_ids.numel(), T) if left else slice(0, row_ids.numel())
+            ids[b, sl], mask[b, sl] = row_ids, 1
+            if labs is not None:
+                labs[b, sl] = row_lab
+        return ids, mask, labs
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with image features scattered into the placeholder positions."""
+        is_img = input_ids == self.image_token_id
+        # The placeholder may lie outside the vocabulary (-200): look up a harmless id instead.
+        embeds = self.llm.embed_tokens(input_ids.masked_fill(is_img, 0))  # (B, T, D)
+        n_slots = int(is_img.sum())
+        if pixel_values is None:
+            if n_slots:
+                raise ValueError(f"input_ids hold {n_slots} image placeholder tokens but no "
+                                 f"pixel_values were given")
+            return embeds
+        feats = self.encode_images(pixel_values)  # (n_img, N, D)
+        if n_slots != feats.shape[0] * feats.shape[1]:
+            raise ValueError(f"image placeholders and image features do not match: input_ids hold "
+                             f"{n_slots} placeholder tokens, the {feats.shape[0]} image(s) give "
+                             f"{feats.shape[0] * feats.shape[1]} features ({feats.shape[1]} each)")
+        return embeds.masked_scatter(is_img.unsqueeze(-1), feats.to(embeds.dtype))
+
+    # ---- training / scoring -----------------------------------------------------------------
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None,
+                position_ids=None):
+        """Without labels: logits (B, T, V) for the (expanded) sequence.
+
+        With labels: (loss_sum, num_tokens) — the cross-entropy *summed* over supervised tokens
+        and their count, so training can divide by the count of the whole global batch
+        (all micro-batches and ranks) instead of averaging per-micro-batch means. Logits are
+        then computed only at supervised positions, in chunks: with a 128k vocabulary the full
+        (B, T, V) tensor would be the largest activation of the step.
+        """
+        input_ids, attention_mask, labels = self.expand_image_tokens(input_ids, attention_mask, labels)
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: let SDPA take its causal fast path
+        embeds = self.embed(input_ids, pixel_values)
+        hidden = self.llm.forward_hidden(embeds, attention_mask=attention_mask,
+                                         position_ids=position_ids)  # (B, T, D)
+        if labels is None:
+            return self.llm.lm_head(hidden)
+        targets = labels[:, 1:]  # logits at t predict token t+1
+        sel = targets != IGNORE_INDEX
+        h = hidden[:, :-1][sel]  # (n, D)
+        y = targets[sel]  # (n,)
+        loss_sum = hidden.new_zeros((), dtype=torch.float32)
+        for i in range(0, y.numel(), 4096):
+            logits = self.llm.lm_head(h[i:i + 4096]).float()
+            loss_sum = loss_sum + F.cross_entropy(logits, y[i:i + 4096], reduction="sum")
+        if y.numel() == 0:
+            # Keep every trainable parameter in the graph (DDP/ZeRO expect a gradient for each).
+            loss_sum = loss_sum + 0.0 * hidden.sum()
+        return loss_sum, y.numel()
+
+    # ---- generation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=32, *,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, stop_token_ids=None, pad_token_id: int | None = None,
+                 generator: torch.Generator | None = None,
+                 streamer: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Batched greedy (default) or sampled decoding with a KV cache.
+
+        Prompts must be left-padded (attention_mask 0 on the left) so that every row's next token
+        lands in the same column. Returns only the new tokens, (B, n) with n <= max_new_tokens;
+        a row that emitted a stop token keeps it and is then filled with `pad_token_id`.
+        `streamer`, if given, receives each step's (B,) tokens as they are produced.
+        """
+        if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("generate() needs left padding: some rows end with padding")
+        input_ids, attention_mask, _ = self.expand_image_tokens(input_ids, attention_mask)
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        stops = torch.tensor(sorted(set(_as_list(stop_token_ids if stop_token_ids is not None
+                                                 else self.config.llm.eos_token_id))),
+                             dtype=torch.long, device=input_ids.device)
+        if pad_token_id is None:
+            pad_token_id = int(stops[0]) if stops.numel() else 0
+        dtype = self.llm.embed_tokens.weight.dtype
+        caches = self.llm.make_kv_caches(B, T + max_new_tokens, dtype=dtype, device=input_ids.device)
+        # Positions count real tokens only, like transformers' generate; pads are masked anyway.
+        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)
+        x = self.embed(input_ids, pixel_values)
+        hidden = self.llm.forward_hidden(x, attention_mask=mask[:, :T], position_ids=pos,
+                                         kv_caches=caches, input_pos=0)
+        next_pos = pos[:, -1:] + 1
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        out = []
+        for step in range(max_new_tokens):
+            logits = self.llm.lm_head(hidden[:, -1]).float()  # (B, V)
+            tok = _pick(logits, do_sample, temperature, top_k, top_p, generator)
+            tok = tok.masked_fill(done, pad_token_id)
+            out.append(tok)
+            if streamer is not None:
+                streamer(tok)
+            done |= torch.isin(tok, stops)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            x = self.llm.embed_tokens(tok[:, None])
+            hidden = self.llm.forward_hidden(x, attention_mask=mask[:, :T + step + 1],
+                                             position_ids=next_pos, kv_caches=caches,
+                                             input_pos=T + step)
+            next_pos = next_pos + 1
+        return torch.stack(out, dim=1) if out else input_ids.new_zeros(B, 0)
+
+
+def _as_list(x) -> list[int]:
+    if x is None:
+        return []
+    return [int(x)] if isinstance(x, int) else [int(v) for v in x]
+
+
+def _pick(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / max(temperature, 1e-5)
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+# transformers' LlavaForConditionalGeneration: 5.x in-memory names and the older on-disk names
+# (which 5.24 still writes). One table, both generations of names.
+LLAVA_HF_KEYS = {
+    "model.language_model.": "llm.",
+    "language_model.model.": "llm.",
+    "lm_head.": "llm.lm_head.",
+    "language_model.lm_head.": "llm.lm_head.",
+    "model.vision_tower.vision_model.": "vision.",
+    "vision_tower.vision_model.": "vision.",
+    "model.multi_modal_projector.linear_1.": "projector.0.",
+    "multi_modal_projector.linear_1.": "projector.0.",
+    "model.multi_modal_projector.linear_2.": "projector.2.",
+    "multi_modal_projector.linear_2.": "projector.2.",
+}
+# Original LLaVA (LlavaLlamaForCausalLM), the layout Doctor Sun released.
+LLAVA_KEYS = {
+    "model.": "llm.",
+    "lm_head.": "llm.lm_head.",
+    "model.vision_tower.vision_tower.vision_model.": "vision.",
+    "model.mm_projector.": "projector.",
+}
+IGNORED = ("model.vision_tower.vision_tower.vision_model.embeddings.position_ids",
+           "vision_tower.vision_model.embeddings.position_ids",
+           "model.vision_tower.vision_model.embeddings.position_ids")
+
+
+def detect_format(path: str | Path) -> str:
+    cfg = checkpoint.load_hf_config(path)
+    if cfg.get("format") == FORMAT:
+        return "ours"
+    if cfg.get("model_type") == "llava":
+        return "llava-hf"
+    if "mm_vision_tower" in cfg or "mm_projector_type" in cfg:
+        return "llava"
+    raise ValueError(f"{path}: unknown checkpoint layout (config.json has model_type="
+                     f"{cfg.get('model_type')!r}; expected a doctor-sun checkpoint, a transformers "
+                     f"LLaVA folder or an original LLaVA folder)")
+
+
+def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device=None, *,
+                    merge_lora: bool = True, vision: str | Path | None = None) -> DoctorSun:
+    """Load our checkpoint, a transformers LLaVA folder or an original LLaVA folder.
+
+    `vision` gives the CLIP folder for an original-LLaVA checkpoint that does not carry its
+    vision tower (LLaVA-1.5 releases); Doctor Sun's release carries it merged in.
+    """
+    kind = detect_format(path)
+    if kind == "ours":
+        m = _load_ours(Path(path), dtype, merge_lora)
+    elif kind == "llava-hf":
+        m = _load_llava_hf(Path(path), dtype)
+    else:
+        m = _load_llava(Path(path), dtype, vision)
+    return m.to(device) if device is not None else m
+
+
+def _build_meta(cfg: ModelConfig) -> DoctorSun:
+    with torch.device("meta"):
+        return DoctorSun(cfg)
+
+
+def _finish(m: DoctorSun) -> DoctorSun:
+    if m.config.llm.tie_word_embeddings:
+        m.llm.lm_head.weight = m.llm.embed_tokens.weight
+    checkpoint.materialized(m)
+    m.llm.init_buffers(m.llm.embed_tokens.weight.device)
+    return m.eval()
+
+
+def _load_llava_hf(path: Path, dtype) -> DoctorSun:
+    hf = checkpoint.load_hf_config(path)
+    if hf.get("projector_hidden_act", "gelu") != "gelu":
+        raise ValueError(f"{path}: projector_hidden_act {hf['projector_hidden_act']!r} is not supported")
+    strategy = hf.get("vision_feature_select_strategy", "default")
+    vcfg = clip.ClipConfig.from_hf(hf["vision_config"], select_layer=hf.get("vision_feature_layer", -2),
+                                   select_feature={"default": "patch", "full": "cls_patch"}[strategy])
+    image_token = hf.get("image_token_index", hf.get("image_token_id"))
+    cfg = ModelConfig(vision=vcfg, llm=llama.LlamaConfig.from_hf(hf["text_config"]),
+                      projector_type="mlp2x_gelu", image_token_id=int(image_token))
+    m = _build_meta(cfg)
+    ignore = IGNORED + (("lm_head.", "language_model.lm_head.") if cfg.llm.tie_word_embeddings else ())
+    checkpoint.load_state(m, path, LLAVA_HF_KEYS, ignore=ignore, dtype=dtype,
+                          strict=not cfg.llm.tie_word_embeddings)
+    return _finish(m)
+
+
+def _load_llava(path: Path, dtype, vision_path) -> DoctorSun:
+    hf = checkpoint.load_hf_config(path)
+    tower = str(vision_path or hf.get("mm_vision_tower", ""))
+    overrides = dict(select_layer=hf.get("mm_vision_select_layer", -2),
+                     select_feature=hf.get("mm_vision_select_feature", "patch"))
+    if tower and Path(tower, "config.json").is_file():
+        vcfg = clip.ClipConfig.from_hf(checkpoint.load_hf_config(tower), **overrides)
+    else:  # a hub name such as "openai/clip-vit-large-patch14-336": use the matching preset
+        name = tower.rstrip("/").split("/")[-1]
+        try:
+            vcfg = clip.ClipConfig.from_name(name, **overrides)
+        except KeyError:
+            raise ValueError(f"{path}: mm_vision_tower {tower!r} is neither a local CLIP folder nor "
+                             f"a known preset; pass vision=PATH") from None
+    cfg = ModelConfig(vision=vcfg, llm=llama.LlamaConfig.from_hf(hf),
+                      projector_type=hf.get("mm_projector_type", "linear"))
+    m = _build_meta(cfg)
+    ignore = IGNORED + ("lm_head.",) * cfg.llm.tie_word_embeddings
+    loaded = checkpoint.load_state(m, path, LLAVA_KEYS, ignore=ignore, dtype=dtype, strict=False)
+    if not any(k.startswith("vision.") for k in loaded):
+        if not (tower and Path(tower).is_dir()):
+            raise ValueError(f"{path} holds no vision tower weights and mm_vision_tower "
+                             f"{tower!r} is not a local folder; pass vision=PATH")
+        m.vision = clip.from_pretrained(tower, dtype=dtype, **overrides)
+    return _finish(m)
+
+
+# ---- our own format ---------------------------------------------------------------------------
+#
+# config.json = {"format": "doctor-sun", "model": ModelConfig.to_dict(),
+#                "lora": {"vision": LoRAConfig fields | null, "llm": ... | null},
+#                "base": {"init": parent checkpoint | null, "vision": HF CLIP folder | null,
+#                         "llm": HF Llama folder | null},
+#                ...anything else the writer wants to record (train.py records its whole run)}
+# model.safetensors holds our parameter names. A checkpoint may hold only some weights (a
+# training stage saves only what it trained); "base" says where the rest comes from: first the
+# parent checkpoint ("init", loaded recursively and LoRA-merged), else the HF folders. Then the
+# LoRA adapters named in "lora" are injected and every tensor of this folder is loaded on top.
+
+
+def save_pretrained(m: DoctorSun, folder: str | Path, *, state_dict: dict | None = None,
+                    base: dict | None = None, lora_configs: dict | None = None,
+                    extra: dict | None = None, max_shard_bytes: int | None = None) -> None:
+    """Write our format. `state_dict` defaults to every weight (a self-contained checkpoint)."""
+    folder = Path(folder)
+    sd = dict(state_dict if state_dict is not None else m.state_dict())
+    if m.config.llm.tie_word_embeddings:
+        sd.pop("llm.lm_head.weight", None)  # saved once, as the embedding
+    cfg = {"format": FORMAT, "model": m.config.to_dict(),
+           "lora": {k: (asdict(v) if v is not None else None) for k, v in (lora_configs or {}).items()},
+           "base": base or {}, **(extra or {})}
+    checkpoint.save_state(sd, folder, max_shard_bytes=max_shard_bytes)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False, default=str))
+
+
+def _load_ours(path: Path, dtype, merge_lora: bool) -> DoctorSun:
+    cfg_json = checkpoint.load_hf_config(path)
+    cfg = ModelConfig.from_dict(cfg_json["model"])
+    base = cfg_json.get("base") or {}
+    if base.get("init"):
+        m = _load_ours(_resolve(path, base["init"]), dtype, merge_lora=True)
+        if m.config.to_dict() != cfg.to_dict():
+            raise ValueError(f"{path}: model config differs from its parent {base['init']}")
+    else:
+        m = _build_meta(cfg)
+        if base.get("vision"):
+            m.vision = clip.from_pretrained(_resolve(path, base["vision"]), dtype=dtype,
+                                            select_layer=cfg.vision.select_layer,
+                                            select_feature=cfg.vision.select_feature)
+        if base.get("llm"):
+            m.llm = llama.from_pretrained(_resolve(path, base["llm"]), dtype=dtype)
+    for part, lcfg in (cfg_json.get("lora") or {}).items():
+        if lcfg:
+            lora.inject(getattr(m, part), lora.LoRAConfig(**{**lcfg, "targets": tuple(lcfg["targets"])}))
+    if m.config.llm.tie_word_embeddings and not m.llm.embed_tokens.weight.is_meta:
+        m.llm.lm_head.weight = m.llm.embed_tokens.weight
+    ignore = ("llm.lm_head.",) if cfg.llm.tie_word_embeddings else ()
+    loaded = set(checkpoint.load_state(m, path, {"": ""}, ignore=ignore, dtype=dtype, strict=False))
+    adapters = [n for n in m.state_dict() if ".lora_" in n]
+    missing = [n for n in adapters if n not in loaded]
+    if missing:
+        raise checkpoint.CheckpointError(f"{path}: LoRA adapter weights missing: {missing[:5]}")
+    # LoRA parameters were created on the real device in fp32; cast them with the rest.
+    for n, p in m.named_parameters():
+        if p.is_floating_point() and p.dtype != dtype and not p.is_meta:
+            p.data = p.data.to(dtype)
+    m = _finish(m)
+    if merge_lora:
+        lora.merge_and_unload(m)
+    return m
+
+
+def _resolve(ckpt: Path, ref: str) -> Path:
+    """Base paths are stored as given; relative ones are tried against the checkpoint's folder."""
+    p = Path(ref)
+    if p.exists() or p.is_absolute():
+        return p
+    return ckpt / p
+
+
+def build(name_or_config: str | ModelConfig = "tiny", seed: int = 0, dtype=torch.float32) -> DoctorSun:
+    """A randomly initialised model (the tiny CPU demo, or tests)."""
+    cfg = ModelConfig.from_name(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    torch.manual_seed(seed)
+    m = DoctorSun(cfg).to(dtype)
+    m.llm.init_buffers()
+    return m
