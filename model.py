@@ -270,8 +270,9 @@ def _pick(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tens
 
 # ---- loading ----------------------------------------------------------------------------------
 
-# transformers' LlavaForConditionalGeneration: 5.x in-memory names and the older on-disk names
-# (which 5.24 still writes). One table, both generations of names.
+# transformers' LlavaForConditionalGeneration, every generation of its names: hub checkpoints
+# (llava-hf/*: `vision_tower.vision_model.*`), what 5.24 writes on disk (`language_model.model.*`,
+# `vision_tower.*` with no `vision_model` level) and 5.x in-memory names (`model.language_model.*`).
 LLAVA_HF_KEYS = {
     "model.language_model.": "llm.",
     "language_model.model.": "llm.",
@@ -279,6 +280,8 @@ LLAVA_HF_KEYS = {
     "language_model.lm_head.": "llm.lm_head.",
     "model.vision_tower.vision_model.": "vision.",
     "vision_tower.vision_model.": "vision.",
+    "model.vision_tower.": "vision.",
+    "vision_tower.": "vision.",
     "model.multi_modal_projector.linear_1.": "projector.0.",
     "multi_modal_projector.linear_1.": "projector.0.",
     "model.multi_modal_projector.linear_2.": "projector.2.",
@@ -291,9 +294,10 @@ LLAVA_KEYS = {
     "model.vision_tower.vision_tower.vision_model.": "vision.",
     "model.mm_projector.": "projector.",
 }
-IGNORED = ("model.vision_tower.vision_tower.vision_model.embeddings.position_ids",
-           "vision_tower.vision_model.embeddings.position_ids",
-           "model.vision_tower.vision_model.embeddings.position_ids")
+# Buffers some writers save that are derived, never loaded (position ids of CLIP's embeddings).
+IGNORED = tuple(p + "embeddings.position_ids" for p in (
+    "model.vision_tower.vision_tower.vision_model.", "vision_tower.vision_model.",
+    "model.vision_tower.vision_model.", "vision_tower.", "model.vision_tower."))
 
 
 def detect_format(path: str | Path) -> str:
@@ -334,8 +338,8 @@ def _build_meta(cfg: ModelConfig) -> DoctorSun:
 def _finish(m: DoctorSun) -> DoctorSun:
     if m.config.llm.tie_word_embeddings:
         m.llm.lm_head.weight = m.llm.embed_tokens.weight
+    m.llm.init_buffers(m.llm.embed_tokens.weight.device)  # RoPE tables are derived, not loaded
     checkpoint.materialized(m)
-    m.llm.init_buffers(m.llm.embed_tokens.weight.device)
     return m.eval()
 
 

@@ -1,0 +1,326 @@
+"""model.py against transformers' LlavaForConditionalGeneration, on tiny random models.
+
+The HF model is saved with save_pretrained and loaded through our production loader
+(`model.from_pretrained`), so the key table is tested too. Tolerances: fp32 max abs 1e-4,
+bf16 6e-2 on logits of order 1 (bf16 keeps 8 mantissa bits; errors compound over layers).
+"""
+import json
+
+import pytest
+import torch
+import transformers
+
+import checkpoint
+import clip
+import llama
+import lora
+import model
+
+V, IMG = 96, 95  # vocabulary (the last id is <image>, as after llava-hf conversion)
+
+
+def hf_llava(tmp_path, act="quick_gelu", tie=False):
+    torch.manual_seed(0)
+    cfg = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(
+            image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+            num_attention_heads=4, hidden_act=act),
+        text_config=transformers.LlamaConfig(
+            vocab_size=V, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=6, num_key_value_heads=2, rope_theta=10000.0,
+            max_position_embeddings=256, tie_word_embeddings=tie, eos_token_id=2, pad_token_id=0),
+        image_token_index=IMG, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_seq_length=16, tie_word_embeddings=tie)
+    hf = transformers.LlavaForConditionalGeneration(cfg).eval()
+    # Random init leaves logits nearly flat; scale up so greedy decoding is decisive.
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(3.0) if p.dim() > 1 else None
+    hf.save_pretrained(tmp_path / "hf")
+    return hf, tmp_path / "hf"
+
+
+def prompt(n_text_before, n_text_after, gen, expanded=True, n_img=16):
+    ids = torch.randint(3, IMG, (n_text_before,), generator=gen).tolist()
+    ids += [IMG] * (n_img if expanded else 1)
+    ids += torch.randint(3, IMG, (n_text_after,), generator=gen).tolist()
+    return ids
+
+
+def left_pad(rows, pad=0):
+    T = max(map(len, rows))
+    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    hf, path = hf_llava(tmp_path_factory.mktemp("llava"))
+    ours = model.from_pretrained(path, dtype=torch.float32)
+    return hf, ours, path
+
+
+def test_loads_llava_hf_config(pair):
+    _, ours, _ = pair
+    assert ours.image_token_id == IMG and ours.num_image_tokens == 16
+    assert ours.config.vision.select_layer == -2 and ours.config.vision.select_feature == "patch"
+    assert ours.config.llm.num_key_value_heads == 2
+
+
+def test_logits_match_transformers_fp32(pair):
+    hf, ours, _ = pair
+    g = torch.Generator().manual_seed(1)
+    rows = [prompt(3, 7, g), prompt(5, 2, g)]  # odd lengths, batch 2, different image offsets
+    ids, mask = left_pad(rows)
+    px = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=px, attention_mask=mask).logits
+        got = ours(ids, pixel_values=px, attention_mask=mask)
+    real = mask.bool()
+    err = (got[real] - ref[real]).abs().max().item()
+    print(f"llava fp32 max abs err {err:.2e}")
+    assert err <= 1e-4
+
+
+def test_lone_placeholder_expands_like_processor(pair):
+    _, ours, _ = pair
+    g = torch.Generator().manual_seed(2)
+    full = prompt(4, 6, g)
+    lone = full[:4] + [IMG] + full[20:]
+    px = torch.randn(1, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        a = ours(torch.tensor([full]), pixel_values=px)
+        b = ours(torch.tensor([lone]), pixel_values=px)
+    assert a.shape == b.shape
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_placeholder_count_mismatch_names_both_numbers(pair):
+    _, ours, _ = pair
+    ids = torch.tensor([[5, 6] + [IMG] * 15 + [7]])  # 15 placeholders, one image gives 16
+    with pytest.raises(ValueError, match=r"15 placeholder.*16 features"):
+        ours(ids, pixel_values=torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="no pixel_values"):
+        ours(ids)
+
+
+def test_text_only_rows_skip_vision_and_match(pair):
+    """A batch mixing an image row and a text-only row: pixel_values holds only the one image."""
+    hf, ours, _ = pair
+    g = torch.Generator().manual_seed(3)
+    img_row, txt_row = prompt(2, 5, g), torch.randint(3, IMG, (9,), generator=g).tolist()
+    px = torch.randn(1, 3, 32, 32, generator=g)
+    calls = []
+    h = ours.vision.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        with torch.no_grad():
+            ids, mask = left_pad([img_row, txt_row])
+            got = ours(ids, pixel_values=px, attention_mask=mask)
+            alone = ours(torch.tensor([txt_row]))
+    finally:
+        h.remove()
+    assert calls == [1]  # one image encoded, no dummy image for the text-only row
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=px, attention_mask=mask).logits
+    real = mask.bool()
+    assert (got[real] - ref[real]).abs().max().item() <= 1e-4
+    torch.testing.assert_close(got[1, -9:], alone[0], rtol=0, atol=1e-4)
+
+
+def test_loss_sum_and_count_match_transformers(pair):
+    hf, ours, _ = pair
+    g = torch.Generator().manual_seed(4)
+    ids = torch.tensor([prompt(3, 9, g), prompt(3, 9, g)])
+    labels = ids.clone()
+    labels[ids == IMG] = -100
+    labels[:, :20] = -100
+    labels[1, 22:] = -100  # the second row supervises fewer tokens
+    px = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        loss_sum, n = ours(ids, pixel_values=px, labels=labels)
+        ref = hf(input_ids=ids, pixel_values=px, labels=labels).loss
+    assert n == int((labels[:, 1:] != -100).sum())
+    assert abs(loss_sum.item() / n - ref.item()) <= 1e-5
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_generate_matches_transformers(pair, batch):
+    hf, ours, _ = pair
+    g = torch.Generator().manual_seed(10 + batch)
+    rows = [prompt(2 + 3 * i, 3 + i, g) for i in range(batch)]
+    ids, mask = left_pad(rows)
+    px = torch.randn(batch, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, pixel_values=px, attention_mask=mask, max_new_tokens=12,
+                          do_sample=False, eos_token_id=2, pad_token_id=0)[:, ids.shape[1]:]
+    got = ours.generate(ids, pixel_values=px, attention_mask=mask, max_new_tokens=12,
+                        stop_token_ids=[2], pad_token_id=0)
+    assert got.tolist() == ref.tolist()
+
+
+def test_generate_with_lone_placeholders_equals_expanded(pair):
+    _, ours, _ = pair
+    g = torch.Generator().manual_seed(5)
+    full = [prompt(2, 4, g), prompt(6, 1, g)]
+    lone = [r[:r.index(IMG)] + [IMG] + r[r.index(IMG) + 16:] for r in full]
+    px = torch.randn(2, 3, 32, 32, generator=g)
+    a = ours.generate(*left_pad(full), pixel_values=px, max_new_tokens=8) if False else \
+        ours.generate(left_pad(full)[0], px, left_pad(full)[1], max_new_tokens=8)
+    b = ours.generate(left_pad(lone)[0], px, left_pad(lone)[1], max_new_tokens=8)
+    assert a.tolist() == b.tolist()
+
+
+def test_generate_rejects_right_padding(pair):
+    _, ours, _ = pair
+    with pytest.raises(ValueError, match="left padding"):
+        ours.generate(torch.tensor([[5, 6, 0]]), attention_mask=torch.tensor([[1, 1, 0]]))
+
+
+def test_sampling_is_seeded(pair):
+    _, ours, _ = pair
+    ids = torch.tensor([[5, 6, 7, 8]])
+    run = lambda s: ours.generate(ids, max_new_tokens=10, do_sample=True, temperature=1.0, top_k=20,
+                                  top_p=0.9, generator=torch.Generator().manual_seed(s))
+    assert run(0).tolist() == run(0).tolist()
+    assert any(run(0).tolist() != run(s).tolist() for s in range(1, 6))
+
+
+def test_bf16_within_documented_bound(pair):
+    hf, _, path = pair
+    ours = model.from_pretrained(path, dtype=torch.bfloat16)
+    assert ours.llm.embed_tokens.weight.dtype == torch.bfloat16
+    g = torch.Generator().manual_seed(6)
+    ids = torch.tensor([prompt(3, 8, g)])
+    px = torch.randn(1, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=px).logits
+        got = ours(ids, pixel_values=px).float()
+    err = (got - ref).abs().max().item()
+    print(f"llava bf16 max abs err {err:.2e} (logit scale {ref.abs().max().item():.1f})")
+    assert err <= 0.1 * max(1.0, ref.abs().max().item() / 10)
+
+
+def test_tied_embeddings_llava(tmp_path):
+    hf, path = hf_llava(tmp_path, act="gelu", tie=True)
+    ours = model.from_pretrained(path)
+    assert ours.llm.lm_head.weight is ours.llm.embed_tokens.weight
+    g = torch.Generator().manual_seed(7)
+    ids = torch.tensor([prompt(2, 3, g)])
+    px = torch.randn(1, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        err = (ours(ids, pixel_values=px) - hf(input_ids=ids, pixel_values=px).logits).abs().max()
+    assert err <= 1e-4
+
+
+def original_llava_folder(hf, path, out):
+    """Write the original LLaVA layout (reference §4) by hand from the HF model's tensors."""
+    sd = {}
+    for k, v in hf.state_dict().items():
+        k = (k.replace("model.language_model.", "model.")
+              .replace("model.vision_tower.", "model.vision_tower.vision_tower.vision_model.")
+              .replace("model.multi_modal_projector.linear_1.", "model.mm_projector.0.")
+              .replace("model.multi_modal_projector.linear_2.", "model.mm_projector.2."))
+        sd[k] = v
+    checkpoint.save_state(sd, out)
+    text = json.loads((path / "config.json").read_text())["text_config"]
+    cfg = {**text, "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
+           "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 32, "mm_vision_select_layer": -2,
+           "mm_vision_select_feature": "patch", "mm_vision_tower": str(path / "vision"),
+           "image_aspect_ratio": "pad", "mm_use_im_start_end": False, "use_mm_proj": True}
+    (out / "config.json").write_text(json.dumps(cfg))
+    hf.model.vision_tower.save_pretrained(path / "vision")
+
+
+def test_loads_original_llava_layout(pair, tmp_path):
+    hf, ours, path = pair
+    original_llava_folder(hf, path, tmp_path / "orig")
+    m = model.from_pretrained(tmp_path / "orig")
+    assert m.image_token_id == model.IMAGE_TOKEN_ID  # -200: no <image> in the original vocab
+    g = torch.Generator().manual_seed(8)
+    ids = torch.tensor([prompt(3, 4, g)])
+    px = torch.randn(1, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        ref = ours(ids, pixel_values=px)
+        got = m(ids.masked_fill(ids == IMG, -200), pixel_values=px)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_own_format_round_trip_with_lora_and_bases(pair, tmp_path):
+    """A partial checkpoint (base folders + trained weights + LoRA adapters) rebuilds the model."""
+    hf, ours, path = pair
+    hf.model.vision_tower.save_pretrained(tmp_path / "clip")
+    llm_folder = tmp_path / "llm"
+    llm_sd = {("lm_head." + k[len("lm_head."):] if k.startswith("lm_head.") else
+               "model." + k[len("model.language_model."):]): v
+              for k, v in hf.state_dict().items() if k.startswith(("model.language_model.", "lm_head."))}
+    checkpoint.save_state(llm_sd, llm_folder)
+    (llm_folder / "config.json").write_text(json.dumps(ours.config.llm.to_hf()))
+
+    m = model.from_pretrained(path)
+    cfg = lora.LoRAConfig(r=4, alpha=8, dropout=0.0, targets=lora.VIT_TARGETS)
+    lora.inject(m.vision, cfg)
+    torch.manual_seed(0)
+    for mod in lora.lora_modules(m.vision).values():
+        torch.nn.init.normal_(mod.lora_B, std=0.5)
+    torch.nn.init.normal_(m.projector[0].weight)
+    trained = {k: v for k, v in m.state_dict().items() if k.startswith("projector.") or ".lora_" in k}
+    model.save_pretrained(m, tmp_path / "ckpt", state_dict=trained,
+                          base={"vision": str(tmp_path / "clip"), "llm": str(llm_folder)},
+                          lora_configs={"vision": cfg})
+    g = torch.Generator().manual_seed(9)
+    ids = torch.tensor([prompt(3, 4, g)])
+    px = torch.randn(1, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        ref = m(ids, pixel_values=px)
+        merged = model.from_pretrained(tmp_path / "ckpt")
+        assert not lora.lora_modules(merged)
+        unmerged = model.from_pretrained(tmp_path / "ckpt", merge_lora=False)
+        assert lora.lora_modules(unmerged)
+        torch.testing.assert_close(unmerged(ids, pixel_values=px), ref, rtol=0, atol=0)
+        torch.testing.assert_close(merged(ids, pixel_values=px), ref, rtol=0, atol=1e-4)
+
+    # A child checkpoint that names its parent ("init") and stores only the projector.
+    child = {k: v + 1 for k, v in merged.state_dict().items() if k.startswith("projector.")}
+    model.save_pretrained(merged, tmp_path / "child", state_dict=child,
+                          base={"init": str(tmp_path / "ckpt")})
+    c = model.from_pretrained(tmp_path / "child")
+    for k, v in c.state_dict().items():
+        want = child[k] if k in child else merged.state_dict()[k]
+        assert torch.equal(v, want), k
+
+
+def test_full_own_format_round_trip_is_bitwise(pair, tmp_path):
+    _, ours, _ = pair
+    model.save_pretrained(ours, tmp_path / "full", max_shard_bytes=20_000)
+    assert (tmp_path / "full" / "model.safetensors.index.json").exists()
+    again = model.from_pretrained(tmp_path / "full")
+    a, b = ours.state_dict(), again.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_partial_checkpoint_without_base_is_an_error(pair, tmp_path):
+    _, ours, _ = pair
+    model.save_pretrained(ours, tmp_path / "p", state_dict={k: v for k, v in ours.state_dict().items()
+                                                           if k.startswith("projector.")})
+    with pytest.raises(checkpoint.CheckpointError, match="no weights were loaded"):
+        model.from_pretrained(tmp_path / "p")
+
+
+def test_unknown_layout_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="unknown checkpoint layout.*bert"):
+        model.from_pretrained(tmp_path)
+
+
+def test_presets_build_on_meta():
+    """The real presets have the real shapes (Doctor Sun: 576 image tokens, 128256 vocab)."""
+    cfg = model.ModelConfig.from_name("doctor-sun")
+    with torch.device("meta"):
+        m = model.DoctorSun(cfg)
+    assert m.num_image_tokens == 576
+    assert m.llm.embed_tokens.weight.shape == (128256, 4096)
+    assert m.projector[0].weight.shape == (4096, 1024)
+    n = sum(p.numel() for p in m.parameters())
+    assert 8.3e9 < n < 8.4e9, n  # Llama-3.1-8B (8.03B) + CLIP-L (0.30B) + projector (0.02B)
