@@ -91,12 +91,14 @@ class ClipConfig:
                 kw[k] = kw[k][0]
         if "vision_feature_layer" in top:
             if not isinstance(top["vision_feature_layer"], int):
-                raise ValueError(f"vision_feature_layer {top['vision_feature_layer']!r}: only one layer is supported")
+                raise ValueError(f"vision_feature_layer {top['vision_feature_layer']!r}: "
+                                 "only a single layer is supported")
             kw["select_layer"] = top["vision_feature_layer"]
         strategy = top.get("vision_feature_select_strategy")
         if strategy is not None:
             if strategy not in LLAVA_STRATEGY:
-                raise ValueError(f"vision_feature_select_strategy {strategy!r} not in {sorted(LLAVA_STRATEGY)}")
+                raise ValueError(f"vision_feature_select_strategy {strategy!r} "
+                                 f"not in {sorted(LLAVA_STRATEGY)}")
             kw["select_feature"] = LLAVA_STRATEGY[strategy]
         return cls(**{**kw, **overrides})
 
@@ -138,12 +140,14 @@ class Embeddings(nn.Module):
         self.config = config
         D = config.hidden_size
         self.class_embedding = nn.Parameter(torch.empty(D))
-        self.patch_embedding = nn.Conv2d(config.num_channels, D, config.patch_size, stride=config.patch_size, bias=False)
+        self.patch_embedding = nn.Conv2d(config.num_channels, D, config.patch_size, stride=config.patch_size,
+                                         bias=False)
         self.position_embedding = nn.Embedding(config.num_positions, D)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         c = self.config
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (c.num_channels, c.image_size, c.image_size):
+        want = (c.num_channels, c.image_size, c.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want:
             raise ValueError(f"expected pixel_values of shape (B, {c.num_channels}, {c.image_size}, "
                              f"{c.image_size}), got {tuple(pixel_values.shape)}")
         w = self.patch_embedding.weight

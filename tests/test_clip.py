@@ -1,9 +1,9 @@
 """clip.py against transformers' CLIP: tiny random models saved to disk, loaded by our loader.
 
-Tolerances: fp32 max abs err <= 1e-4 (measured ~1e-6). bf16 weights and activations are compared
-with HF's fp32 output at atol = rtol = 5e-2: bf16 keeps 8 mantissa bits (~4e-3 relative per op),
-and the error grows through the residual stream; measured ~2e-2 on these models.
-"""
+Tolerances: fp32 max abs err <= 1e-4 (measured <= 3e-6). bf16 (weights and activations) is compared
+with HF's fp32 output at atol 0.1, rtol 0.05, and must be no worse than 1.5x transformers' own bf16
+error: bf16 keeps 8 mantissa bits (~4e-3 relative per rounding), accumulated through the residual
+stream; measured 5-6e-2 max abs on activations up to ~6.5, the same as HF bf16."""
 import copy
 import json
 import os
