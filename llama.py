@@ -208,7 +208,8 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_head, self.n_kv_head = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
         d = config.hidden_size
         self.q_proj = nn.Linear(d, self.n_head * self.head_dim, bias=False)
         self.k_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
@@ -296,7 +297,8 @@ class Llama(nn.Module):
         if kv_caches is None and input_pos != 0:
             raise ValueError(f"input_pos={input_pos} needs kv_caches (without a cache the keys start at 0)")
         if attention_mask is not None and attention_mask.shape != (B, S):
-            raise ValueError(f"attention_mask must be (batch, input_pos + T) = {(B, S)}, got {tuple(attention_mask.shape)}")
+            raise ValueError(f"attention_mask must be (batch, input_pos + T) = {(B, S)}, "
+                             f"got {tuple(attention_mask.shape)}")
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, input_pos:]  # (B, T)
@@ -346,7 +348,8 @@ HF_KEY_MAP = {"model.": "", "lm_head.": "lm_head."}
 
 def hf_ignore(config: LlamaConfig) -> tuple[str, ...]:
     """Rotary buffers that transformers saved in some versions (per layer before 4.36); derived, never loaded."""
-    return ("model.rotary_emb.",) + tuple(f"model.layers.{i}.self_attn.rotary_emb." for i in range(config.num_hidden_layers))
+    per_layer = tuple(f"model.layers.{i}.self_attn.rotary_emb." for i in range(config.num_hidden_layers))
+    return ("model.rotary_emb.",) + per_layer
 
 
 def from_pretrained(path, dtype=torch.float32, device=None) -> Llama:

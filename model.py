@@ -347,9 +347,9 @@ def _load_llava_hf(path: Path, dtype) -> DoctorSun:
     hf = checkpoint.load_hf_config(path)
     if hf.get("projector_hidden_act", "gelu") != "gelu":
         raise ValueError(f"{path}: projector_hidden_act {hf['projector_hidden_act']!r} is not supported")
-    strategy = hf.get("vision_feature_select_strategy", "default")
-    vcfg = clip.ClipConfig.from_hf(hf["vision_config"], select_layer=hf.get("vision_feature_layer", -2),
-                                   select_feature={"default": "patch", "full": "cls_patch"}[strategy])
+    if not hf.get("multimodal_projector_bias", True):
+        raise ValueError(f"{path}: a projector without bias is not supported")
+    vcfg = clip.ClipConfig.from_hf(hf)  # reads vision_feature_layer / _select_strategy too
     image_token = hf.get("image_token_index", hf.get("image_token_id"))
     cfg = ModelConfig(vision=vcfg, llm=llama.LlamaConfig.from_hf(hf["text_config"]),
                       projector_type="mlp2x_gelu", image_token_id=int(image_token))
@@ -371,7 +371,7 @@ def _load_llava(path: Path, dtype, vision_path) -> DoctorSun:
         name = tower.rstrip("/").split("/")[-1]
         try:
             vcfg = clip.ClipConfig.from_name(name, **overrides)
-        except KeyError:
+        except (KeyError, ValueError):
             raise ValueError(f"{path}: mm_vision_tower {tower!r} is neither a local CLIP folder nor "
                              f"a known preset; pass vision=PATH") from None
     cfg = ModelConfig(vision=vcfg, llm=llama.LlamaConfig.from_hf(hf),
