@@ -268,6 +268,18 @@ class Llama(nn.Module):
         # Non-persistent: derived from the config, absent from checkpoints (HF drops its rotary buffers too).
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.gradient_checkpointing = False
+        if not self.embed_tokens.weight.is_meta:  # built on meta when a checkpoint follows
+            self.init_weights()
+
+    def init_weights(self, std: float = 0.02):
+        """Only for models trained from scratch (the tiny demo): HF's `initializer_range` init.
+
+        PyTorch's defaults would give embeddings N(0, 1), which swamps the residual stream at
+        the start of training; every real model loads its weights instead.
+        """
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
 
     def tie_weights(self):
         """Make lm_head share embed_tokens' Parameter (again after anything that replaces either one)."""
