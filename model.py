@@ -300,6 +300,11 @@ IGNORED = tuple(p + "embeddings.position_ids" for p in (
     "model.vision_tower.vision_model.", "vision_tower.", "model.vision_tower."))
 
 
+def _rotary(cfg: ModelConfig, prefix: str) -> tuple[str, ...]:
+    """RoPE buffers that transformers < 4.36 saved (LLaVA-1.5-era checkpoints): derived, skipped."""
+    return tuple(prefix + p for p in llama.hf_ignore(cfg.llm))
+
+
 def detect_format(path: str | Path) -> str:
     cfg = checkpoint.load_hf_config(path)
     if cfg.get("format") == FORMAT:
@@ -354,7 +359,8 @@ def _load_llava_hf(path: Path, dtype) -> DoctorSun:
     cfg = ModelConfig(vision=vcfg, llm=llama.LlamaConfig.from_hf(hf["text_config"]),
                       projector_type="mlp2x_gelu", image_token_id=int(image_token))
     m = _build_meta(cfg)
-    ignore = IGNORED + (("lm_head.", "language_model.lm_head.") if cfg.llm.tie_word_embeddings else ())
+    ignore = IGNORED + _rotary(cfg, "language_model.") + _rotary(cfg, "model.language_model.")
+    ignore += ("lm_head.", "language_model.lm_head.") if cfg.llm.tie_word_embeddings else ()
     checkpoint.load_state(m, path, LLAVA_HF_KEYS, ignore=ignore, dtype=dtype,
                           strict=not cfg.llm.tie_word_embeddings)
     return _finish(m)
@@ -363,6 +369,8 @@ def _load_llava_hf(path: Path, dtype) -> DoctorSun:
 def _load_llava(path: Path, dtype, vision_path) -> DoctorSun:
     hf = checkpoint.load_hf_config(path)
     tower = str(vision_path or hf.get("mm_vision_tower", ""))
+    if tower and not Path(tower).is_absolute() and (path / tower).is_dir():
+        tower = str(path / tower)  # a tower shipped inside the checkpoint folder
     overrides = dict(select_layer=hf.get("mm_vision_select_layer", -2),
                      select_feature=hf.get("mm_vision_select_feature", "patch"))
     if tower and Path(tower, "config.json").is_file():
@@ -377,7 +385,7 @@ def _load_llava(path: Path, dtype, vision_path) -> DoctorSun:
     cfg = ModelConfig(vision=vcfg, llm=llama.LlamaConfig.from_hf(hf),
                       projector_type=hf.get("mm_projector_type", "linear"))
     m = _build_meta(cfg)
-    ignore = IGNORED + ("lm_head.",) * cfg.llm.tie_word_embeddings
+    ignore = IGNORED + _rotary(cfg, "") + ("lm_head.",) * cfg.llm.tie_word_embeddings
     loaded = checkpoint.load_state(m, path, LLAVA_KEYS, ignore=ignore, dtype=dtype, strict=False)
     if not any(k.startswith("vision.") for k in loaded):
         if not (tower and Path(tower).is_dir()):
