@@ -1,0 +1,437 @@
+"""Tests for convert.py, verified by loading the outputs with the installed transformers (5.24).
+
+Tiny random models (ViT 32 px / patch 8 -> 16 image tokens, Llama 2 layers, GQA 4:2, Llama-3.1
+rope scaling) and the demo's byte-level BPE tokenizer (Llama-3 special tokens), all built in
+tmp_path. The transformers side uses only its public loaders: from_pretrained, AutoProcessor,
+apply_chat_template, generate.
+"""
+import json
+import logging
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+import checkpoint  # noqa: E402
+import clip  # noqa: E402
+import convert  # noqa: E402
+import data  # noqa: E402
+import demo  # noqa: E402
+import llama  # noqa: E402
+import lora  # noqa: E402
+import model  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+QUESTION = "Is there a lesion in this image?"
+TEXTS = ["Is there a lesion in this image? yes no. CT MRI X-ray ultrasound upper left right lower",
+         "What modality is this? The lesion is bright. 图像中有病灶吗？是 否 左上 右下 磁共振"] * 20
+
+
+# ---- fixtures -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok") / "tokenizer"
+    demo.train_tokenizer(TEXTS, folder)  # 2048 ids with the Llama-3 special tokens
+    return folder
+
+
+def tiny_config(tok, tie=False) -> model.ModelConfig:
+    vision = clip.ClipConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                             num_attention_heads=2, intermediate_size=64)
+    llm = llama.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, intermediate_size=64, rope_theta=500000.0,
+                            max_position_embeddings=2048, tie_word_embeddings=tie,
+                            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                            bos_token_id=tok.bos_id, eos_token_id=tok.stop_ids)
+    return model.ModelConfig(vision=vision, llm=llm)
+
+
+def save_ours(folder, tok_dir, *, tie=False, with_lora=False, seed=0):
+    """A random checkpoint in our format; with_lora: LoRA on every ViT and LLM linear, B != 0."""
+    tok = data.load_tokenizer(tok_dir)
+    m = model.build(tiny_config(tok, tie), seed=seed)
+    configs = {}
+    if with_lora:
+        configs = {"vision": lora.LoRAConfig(r=4, alpha=8.0, dropout=0.0, targets=lora.VIT_TARGETS),
+                   "llm": lora.LoRAConfig(r=4, alpha=8.0, dropout=0.0, targets=lora.LLM_TARGETS)}
+        lora.inject(m.vision, configs["vision"])
+        lora.inject(m.llm, configs["llm"])
+        torch.manual_seed(seed + 1)
+        with torch.no_grad():
+            for mod in lora.lora_modules(m).values():
+                mod.lora_B.normal_(0, 0.2)
+    model.save_pretrained(m, folder, lora_configs=configs, extra={"tokenizer": str(tok_dir)})
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory, tok_dir):
+    folder = tmp_path_factory.mktemp("ours") / "ckpt"
+    return folder, save_ours(folder, tok_dir)
+
+
+def make_image(w=40, h=56, seed=0) -> Image.Image:
+    """Non-square, so the processor's pad-to-square and centre crop both matter."""
+    rng = np.random.RandomState(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([x * 255 / w, y * 255 / h, np.full_like(x, 90.0)], -1) + rng.normal(0, 20, (h, w, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype("uint8"))
+
+
+@contextmanager
+def transformers_warnings():
+    """Collect what transformers logs at WARNING and above while loading."""
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger, handler = logging.getLogger("transformers"), Keep(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+def load_hf(folder):
+    """LlavaForConditionalGeneration + AutoProcessor; fails on any missing/unexpected/mismatched key."""
+    with transformers_warnings() as logged:
+        hf, info = transformers.LlavaForConditionalGeneration.from_pretrained(
+            folder, output_loading_info=True, dtype=torch.float32)
+        proc = transformers.AutoProcessor.from_pretrained(folder)
+    assert {k: v for k, v in info.items() if v} == {}, info
+    bad = [r for r in logged if any(w in r.lower() for w in ("missing", "unexpected", "not initialized",
+                                                             "newly initialized", "mismatch"))]
+    assert not bad, bad
+    return hf.eval(), proc
+
+
+def processor_inputs(proc):
+    """What a transformers user feeds the model: chat template + <image> expansion + pixels."""
+    msgs = [{"role": "user", "content": [{"type": "image", "image": make_image()},
+                                         {"type": "text", "text": QUESTION}]}]
+    return proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                    return_tensors="pt")
+
+
+def run(*argv):
+    return convert.main([str(a) for a in argv])
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name)
+
+
+# ---- ours -> llava-hf, checked by transformers -------------------------------------------------------
+
+@pytest.mark.parametrize("with_lora", [False, True], ids=["plain", "lora-merged"])
+def test_llava_hf_matches_transformers(tmp_path, tok_dir, with_lora):
+    ref = save_ours(tmp_path / "ckpt", tok_dir, with_lora=with_lora, seed=3)
+    # Shards capped small so the index path is exercised (the tiny model is ~0.6 MB in fp32).
+    info = run("--to", "llava-hf", tmp_path / "ckpt", tmp_path / "hf", "--dtype", "float32",
+               "--max-shard-size", "200KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    hf, proc = load_hf(tmp_path / "hf")
+    print(f"\ntransformers {transformers.__version__}")
+    assert hf.config.text_config.rope_parameters["rope_type"] == "llama3"  # Llama-3.1 scaling kept
+
+    # Real <image> expansion and the real chat template: the ids must be the ones we train on.
+    enc = processor_inputs(proc)
+    tok = data.load_tokenizer(tok_dir)
+    ids = data.encode_prompt(QUESTION, tok, has_image=True, num_image_tokens=ref.num_image_tokens)
+    image_id = info["image_token_index"]
+    assert enc["input_ids"][0].tolist() == [image_id if i == data.IMAGE_TOKEN_ID else i for i in ids]
+    assert (enc["input_ids"] == image_id).sum() == ref.num_image_tokens == 16
+
+    # The processor's pixels equal our preprocessing (pad to square, bicubic, crop, normalise).
+    ours_px = data.preprocess_image(make_image(), size=32, pad_to_square=True)
+    px_err = ((enc["pixel_values"][0] - ours_px) * torch.tensor(data.CLIP_STD)[:, None, None]).abs().max().item()
+    assert px_err <= 1 / 255 + 1e-6, px_err
+
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ours_logits = ref(x, pixel_values=enc["pixel_values"])  # LoRA unmerged, in memory
+        hf_logits = hf(**enc).logits
+    V = ours_logits.shape[-1]
+    err = (hf_logits[..., :V] - ours_logits).abs().max().item()
+    print(f"llava-hf {'LoRA merged' if with_lora else 'plain'}: max |logit diff| = {err:.2e}; "
+          f"pixel diff {px_err * 255:.2f}/255")
+    assert err <= 1e-4
+    if with_lora:  # the adapters matter: without them the logits are far off
+        base = model.build(ref.config, seed=3).eval()
+        with torch.no_grad():
+            assert (base(x, pixel_values=enc["pixel_values"]) - ours_logits).abs().max() > 1e-2
+
+    new = hf.generate(**enc, max_new_tokens=12, do_sample=False)[0, x.shape[1]:].tolist()
+    mine = ref.generate(x, pixel_values=enc["pixel_values"], max_new_tokens=12,
+                        stop_token_ids=convert.stop_ids(tok_dir, ref))[0].tolist()
+    assert new == mine, (new, mine)
+    print(f"greedy generate: {len(new)} tokens, identical")
+
+
+def test_llava_hf_default_bfloat16(tmp_path, ours):
+    """The default export dtype; bf16 rounding of weights and activations makes the match looser."""
+    folder, _ = ours
+    run("--to", "llava-hf", folder, tmp_path / "hf")
+    assert {t.dtype for t in load_file(tmp_path / "hf" / "model.safetensors").values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16).eval()
+    proc = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
+    enc = processor_inputs(proc)
+    m = model.from_pretrained(folder, dtype=torch.bfloat16)
+    ids = enc["input_ids"].masked_fill(enc["input_ids"] == hf.config.image_token_id, m.image_token_id)
+    with torch.no_grad():
+        a = hf(**{**enc, "pixel_values": enc["pixel_values"].bfloat16()}).logits[..., :2048].float()
+        b = m(ids, pixel_values=enc["pixel_values"].bfloat16()).float()
+    err = (a - b).abs().max().item()
+    print(f"\nllava-hf bf16: max |logit diff| = {err:.2e} (logit scale {b.abs().max().item():.2f})")
+    assert err <= 2e-2
+
+
+def test_vocab_arithmetic(tmp_path, ours, tok_dir):
+    folder, ref = ours
+    run("--to", "llava-hf", folder, tmp_path / "hf", "--dtype", "float32", "--pad-vocab-to", "64")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    sd = load_file(tmp_path / "hf" / "model.safetensors")
+    old = ref.config.llm.vocab_size  # 2048 = the tokenizer's size before conversion
+    added = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = added.convert_tokens_to_ids(["<image>", "<pad>"])
+    assert len(added) == old + 2 and ids == [old, old + 1]  # two tokens added, right after the vocab
+    assert cfg["image_token_index"] == cfg["image_token_id"] == ids[0]
+    assert cfg["text_config"]["pad_token_id"] == ids[1] == added.pad_token_id
+    rows = 2112  # 2050 rounded up to a multiple of 64
+    assert cfg["text_config"]["vocab_size"] == rows
+    for key, ours_w in (("language_model.model.embed_tokens.weight", ref.llm.embed_tokens.weight),
+                        ("language_model.lm_head.weight", ref.llm.lm_head.weight)):
+        w = sd[key]
+        assert w.shape == (rows, 32)
+        assert torch.equal(w[:old], ours_w)
+        assert torch.allclose(w[old:], ours_w.mean(0).expand(rows - old, -1), atol=1e-7)
+    proc = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
+    assert proc.image_token_id == ids[0]
+    assert cfg["image_seq_length"] == ref.num_image_tokens
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert set(gen["eos_token_id"]) == {added.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|end_of_text|>")}
+    # transformers sizes its model from text_config.vocab_size: every row is used, none missing.
+    hf, _ = load_hf(tmp_path / "hf")
+    assert hf.get_input_embeddings().weight.shape[0] == rows
+
+
+# ---- round trips --------------------------------------------------------------------------------------
+
+def assert_same_weights(a: model.DoctorSun, b: model.DoctorSun):
+    """Bitwise equal on every tensor; b's vocabulary may be larger (llava-hf adds rows)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k, t in sa.items():
+        u = sb[k]
+        if k in ("llm.embed_tokens.weight", "llm.lm_head.weight"):
+            u = u[:t.shape[0]]
+        assert u.dtype == t.dtype and torch.equal(u, t), k
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_round_trip_llava_hf(tmp_path, tok_dir, tie):
+    ref = save_ours(tmp_path / "ckpt", tok_dir, tie=tie)
+    run("--to", "llava-hf", tmp_path / "ckpt", tmp_path / "hf", "--dtype", "float32")
+    run("--from", "llava-hf", tmp_path / "hf", tmp_path / "back", "--dtype", "float32")
+    back = model.from_pretrained(tmp_path / "back")
+    assert_same_weights(ref, back)
+    assert back.config.llm.tie_word_embeddings == tie
+    assert back.config.vision == ref.config.vision
+    assert back.config.llm.rope_scaling == ref.config.llm.rope_scaling
+    assert back.config.image_token_id == 2048 and back.config.llm.vocab_size == 2050
+    assert (tmp_path / "back" / "tokenizer.json").is_file()
+    # Converting the import again reuses its <image>/<pad> ids: nothing is added twice.
+    info = run("--to", "llava-hf", tmp_path / "back", tmp_path / "hf2", "--dtype", "float32")
+    assert info["vocab_rows"] == (2050, 2050) and info["image_token_index"] == 2048
+
+    # What transformers itself writes: 5.24's on-disk names (`vision_tower.*` without
+    # `vision_model`), and the 5.x in-memory names (`model.language_model.*`, `lm_head.*`).
+    hf, _ = load_hf(tmp_path / "hf")
+    fresh = transformers.LlavaForConditionalGeneration(hf.config)  # (hf itself would save as it loaded)
+    fresh.load_state_dict(hf.state_dict())
+    fresh.save_pretrained(tmp_path / "hf_saved")
+    keys = load_file(tmp_path / "hf_saved" / "model.safetensors").keys()
+    assert any(k.startswith("vision_tower.embeddings.") for k in keys)
+    (tmp_path / "hf_mem").mkdir()
+    (tmp_path / "hf_mem" / "config.json").write_bytes((tmp_path / "hf" / "config.json").read_bytes())
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()
+               if not (tie and k == "lm_head.weight")}, tmp_path / "hf_mem" / "model.safetensors")
+    assert any(k.startswith("model.language_model.") for k in load_file(tmp_path / "hf_mem" / "model.safetensors"))
+    for name in ("hf_saved", "hf_mem"):
+        run("--from", "llava-hf", tmp_path / name, tmp_path / f"back_{name}", "--dtype", "float32")
+        assert_same_weights(back, model.from_pretrained(tmp_path / f"back_{name}"))
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_round_trip_llava(tmp_path, tok_dir, tie):
+    ref = save_ours(tmp_path / "ckpt", tok_dir, tie=tie)
+    out = tmp_path / "llava"
+    # As a user runs it (argparse, __main__), once; the other tests call main() in-process.
+    subprocess.run([sys.executable, str(REPO / "convert.py"), "--to", "llava", str(tmp_path / "ckpt"), str(out),
+                    "--dtype", "float32", "--max-shard-size", "200KB"], check=True, cwd=tmp_path)
+    keys = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"])
+    prefixes = {"model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.",
+                "model.vision_tower.vision_tower.vision_model.", "model.mm_projector.0.", "model.mm_projector.2."}
+    present = {p for p in prefixes if any(k.startswith(p) for k in keys)}
+    assert present == prefixes - ({"lm_head."} if tie else set())
+    assert not any("inv_freq" in k or "rotary" in k for k in keys)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["mm_projector_type"] == "mlp2x_gelu" and cfg["mm_vision_select_layer"] == -2
+    assert cfg["mm_vision_select_feature"] == "patch" and cfg["image_aspect_ratio"] == "pad"
+    assert cfg["mm_hidden_size"] == 32 and cfg["use_mm_proj"] and not cfg["mm_use_im_start_end"]
+    assert cfg["vocab_size"] == 2048  # no <image> in this vocabulary: -200 at run time
+    assert cfg["rope_scaling"]["rope_type"] == "llama3"
+    assert Path(cfg["mm_vision_tower"], "config.json").is_file()  # not a public CLIP: its config is written
+    assert (out / "tokenizer.json").read_bytes() == (tok_dir / "tokenizer.json").read_bytes()
+    assert json.loads((out / "preprocessor_config.json").read_text())["crop_size"] == {"height": 32, "width": 32}
+    run("--from", "llava", out, tmp_path / "back", "--dtype", "float32")
+    back = model.from_pretrained(tmp_path / "back")
+    assert_same_weights(ref, back)
+    assert back.config.to_dict() == ref.config.to_dict()
+
+
+def test_llava_default_dtype_and_known_tower(tmp_path, ours):
+    """fp16 by default (Doctor Sun's release); a tower equal to a public CLIP is recorded by hub name."""
+    folder, ref = ours
+    run("--to", "llava", folder, tmp_path / "llava")
+    sd = load_file(tmp_path / "llava" / "model.safetensors")
+    assert {t.dtype for t in sd.values()} == {torch.float16}
+    assert convert.vision_tower_name(clip.ClipConfig.from_name("clip-vit-large-patch14-336")) == \
+        "openai/clip-vit-large-patch14-336"
+    assert convert.vision_tower_name(ref.config.vision) is None
+
+
+# ---- xtuner -------------------------------------------------------------------------------------------
+
+def _peft_lora(hf_module, targets, folder, seed, rename=None):
+    """Attach a peft LoRA (B != 0), save it; return the peft-merged HF module (the reference)."""
+    import peft
+
+    pm = peft.get_peft_model(hf_module, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                        target_modules=targets))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    pm.save_pretrained(folder)
+    if rename:  # xtuner ran on transformers 4.x: CLIPVisionModel names carried "vision_model."
+        f = Path(folder) / "adapter_model.safetensors"
+        save_file({rename(k): v for k, v in load_file(f).items()}, f)
+    return pm.merge_and_unload()
+
+
+@pytest.mark.parametrize("llm_form", ["llm", "llm_adapter"])
+def test_xtuner_import(tmp_path, llm_form):
+    torch.manual_seed(0)
+    vcfg = transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, intermediate_size=64)
+    tcfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, intermediate_size=64)
+    vit_hf = transformers.CLIPVisionModel(vcfg)
+    vit_hf.save_pretrained(tmp_path / "clip")
+    llm_hf = transformers.LlamaForCausalLM(tcfg)
+    llm_hf.save_pretrained(tmp_path / "base_llm")
+    src = tmp_path / "xtuner"
+    vit_ref = _peft_lora(vit_hf, ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+                         src / "visual_encoder_adapter", seed=1,
+                         rename=lambda k: k.replace("base_model.model.", "base_model.model.vision_model.", 1))
+    if llm_form == "llm_adapter":
+        llm_ref = _peft_lora(llm_hf, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                             src / "llm_adapter", seed=2)
+    else:
+        llm_ref = llm_hf
+        llm_hf.save_pretrained(src / "llm")
+    proj = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 32))
+    (src / "projector").mkdir()
+    save_file({f"model.{k}": v for k, v in proj.state_dict().items()}, src / "projector" / "model.safetensors")
+    (src / "projector" / "config.json").write_text(json.dumps(
+        {"model_type": "projector", "visual_hidden_size": 32, "llm_hidden_size": 32, "depth": 2,
+         "hidden_act": "gelu", "bias": True}))
+
+    args = ["--from", "xtuner", src, tmp_path / "ours", "--vision", tmp_path / "clip", "--dtype", "float32"]
+    run(*args, *(["--llm", tmp_path / "base_llm"] if llm_form == "llm_adapter" else []))
+    m = model.from_pretrained(tmp_path / "ours")
+
+    # Reference by hand: peft's own merge, renamed to our names.
+    expected = {f"vision.{k}": v for k, v in vit_ref.state_dict().items() if "position_ids" not in k}
+    expected |= {"llm." + checkpoint.rename(k, llama.HF_KEY_MAP): v for k, v in llm_ref.state_dict().items()}
+    expected |= {f"projector.{k}": v for k, v in proj.state_dict().items()}
+    got = m.state_dict()
+    assert got.keys() == expected.keys()
+    err = max((got[k] - v).abs().max().item() for k, v in expected.items())
+    print(f"\nxtuner ({llm_form}) vs peft-merged reference: max |weight diff| = {err:.2e}")
+    assert err <= 1e-6, err  # the same fp32 formula as peft's merge
+    assert m.image_token_id == model.IMAGE_TOKEN_ID and m.config.projector_type == "mlp2x_gelu"
+
+
+# ---- errors -------------------------------------------------------------------------------------------
+
+def test_errors_name_the_problem_and_leave_nothing(tmp_path, ours, tok_dir, monkeypatch):
+    folder, _ = ours
+    bad = tmp_path / "bert"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match="unknown checkpoint layout"):
+        run("--to", "llava-hf", bad, tmp_path / "o1")
+
+    run("--to", "llava", folder, tmp_path / "llava", "--dtype", "float32")
+    with pytest.raises(ValueError, match="'llava' checkpoint, not 'llava-hf'"):
+        run("--from", "llava-hf", tmp_path / "llava", tmp_path / "o2")
+
+    # Missing vision tower: an original-LLaVA folder without tower weights, pointing nowhere.
+    novis = tmp_path / "novis"
+    novis.mkdir()
+    sd = load_file(tmp_path / "llava" / "model.safetensors")
+    save_file({k: v for k, v in sd.items() if "vision_tower" not in k}, novis / "model.safetensors")
+    cfg = json.loads((tmp_path / "llava" / "config.json").read_text())
+    (novis / "config.json").write_text(json.dumps({**cfg, "mm_vision_tower": str(tmp_path / "nowhere")}))
+    with pytest.raises(ValueError, match="mm_vision_tower"):
+        run("--from", "llava", novis, tmp_path / "o3")
+    xt = tmp_path / "xt"
+    xt.mkdir()
+    with pytest.raises(ValueError, match="vision tower is missing"):
+        run("--from", "xtuner", xt, tmp_path / "o4")
+
+    # Shape mismatch: a config that disagrees with the weights.
+    run("--to", "llava-hf", folder, tmp_path / "hf", "--dtype", "float32")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["text_config"]["intermediate_size"] = 48
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(checkpoint.CheckpointError, match=r"wrong shape for 'language_model\.model\.layers\.0"):
+        run("--from", "llava-hf", tmp_path / "hf", tmp_path / "o5")
+
+    # A failure after files were written: the partial folder is removed.
+    def fail(path, obj):
+        if path.name == "processor_config.json":
+            raise OSError("disk full")
+        path.write_text(json.dumps(obj))
+    monkeypatch.setattr(convert, "write_json", fail)
+    with pytest.raises(OSError, match="disk full"):
+        run("--to", "llava-hf", folder, tmp_path / "o6")
+    monkeypatch.undo()
+
+    with pytest.raises(FileExistsError, match="already exists"):  # never overwrites
+        run("--to", "llava", folder, tmp_path / "llava")
+    assert (tmp_path / "llava" / "model.safetensors").is_file()
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 7))
+    assert leftovers(tmp_path) == []
+    with pytest.raises(SystemExit):  # an option of another direction is refused, not ignored
+        run("--from", "llava-hf", tmp_path / "hf", tmp_path / "o8", "--pad-vocab-to", "64")
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        run("--to", "llava-hf", folder, tmp_path / "o7", "--tokenizer", tmp_path / "bert")
+    assert not (tmp_path / "o7").exists() and not (tmp_path / "o8").exists() and leftovers(tmp_path) == []
