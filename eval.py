@@ -868,7 +868,8 @@ def parse_args(argv=None):
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g = p.add_argument_group("prompt and decoding")
     g.add_argument("--template", choices=sorted(data.TEMPLATES), help="default: llama3 if the tokenizer has <|eot_id|>, else llama2")
-    g.add_argument("--system", help=f"system prompt (default {SYSTEM!r} where the template has one; '' for none)")
+    g.add_argument("--system", help=f"system prompt (default: as the checkpoint was trained — none for this "
+                                     f"project's checkpoints — else {SYSTEM!r}; '' for none)")
     g.add_argument("--yes-no-hint", choices=["auto", "on", "off"], default="auto",
                    help=f"prefix {YES_NO_HINT.strip()!r} to yes/no questions (auto: on for vqa-rad, slake, pathvqa)")
     g.add_argument("--pad-to-square", action=argparse.BooleanOptionalAction, default=None,
@@ -911,8 +912,14 @@ def load_model(args):
     pad = args.pad_to_square if args.pad_to_square is not None else checkpoint.trained_pad_to_square(args.model)
     template = args.template or default_template(tok)
     system = args.system
-    if system is None:  # the seed's system prompt, unless the format has no system block (caption)
-        system = SYSTEM if data.TEMPLATES[template].system else ""
+    if system is None:
+        system = checkpoint.load_hf_config(args.model).get("train", {}).get("system")
+    if system is None:
+        # Prompts as the model was trained: our stage checkpoints record their run, and train.py
+        # (like Doctor Sun's xtuner configs) uses no system prompt. Any other checkpoint gets the
+        # seed's evaluation prompt (reference §5), where the template has a system block.
+        trained_here = "train" in checkpoint.load_hf_config(args.model)
+        system = SYSTEM if data.TEMPLATES[template].system and not trained_here else ""
     return m, tok, template, system, pad
 
 
