@@ -374,7 +374,9 @@ def test_default_pretrain_command_builds_the_chain_and_learns(tmp_path):
         last = sum(h["loss"] for h in hist[-k:]) / k
         print(f"{stage}: {len(hist)} steps, loss {first:.3f} -> {last:.3f}, "
               f"{sum(h['step_s'] for h in hist[1:]) / max(1, len(hist) - 1):.3f} s/step")
-        assert last < first - 0.3, (stage, first, last)
+        # Relative: a caption's loss can fall only by what the image tells about it (~25% on the
+        # demo captions); a broken projector update leaves it flat.
+        assert last < 0.85 * first, (stage, first, last)
         assert (tmp_path / "runs" / stage / "loss.png").stat().st_size > 0
     summaries = [json.loads(line[len("summary: "):]) for line in out.splitlines() if line.startswith("summary: ")]
     assert [s["stage"] for s in summaries] == ["text", "pretrain"]
