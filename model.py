@@ -171,8 +171,6 @@ class DoctorSun(nn.Module):
         (B, T, V) tensor would be the largest activation of the step.
         """
         input_ids, attention_mask, labels = self.expand_image_tokens(input_ids, attention_mask, labels)
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: let SDPA take its causal fast path
         embeds = self.embed(input_ids, pixel_values)
         hidden = self.llm.forward_hidden(embeds, attention_mask=attention_mask,
                                          position_ids=position_ids)  # (B, T, D)
@@ -450,10 +448,6 @@ def _load_ours(path: Path, dtype, merge_lora: bool) -> DoctorSun:
     missing = [n for n in adapters if n not in loaded]
     if missing:
         raise checkpoint.CheckpointError(f"{path}: LoRA adapter weights missing: {missing[:5]}")
-    # LoRA parameters were created on the real device in fp32; cast them with the rest.
-    for n, p in m.named_parameters():
-        if p.is_floating_point() and p.dtype != dtype and not p.is_meta:
-            p.data = p.data.to(dtype)
     m = _finish(m)
     if merge_lora:
         lora.merge_and_unload(m)

@@ -165,9 +165,9 @@ def test_generate_with_lone_placeholders_equals_expanded(pair):
     full = [prompt(2, 4, g), prompt(6, 1, g)]
     lone = [r[:r.index(IMG)] + [IMG] + r[r.index(IMG) + 16:] for r in full]
     px = torch.randn(2, 3, 32, 32, generator=g)
-    a = ours.generate(*left_pad(full), pixel_values=px, max_new_tokens=8) if False else \
-        ours.generate(left_pad(full)[0], px, left_pad(full)[1], max_new_tokens=8)
-    b = ours.generate(left_pad(lone)[0], px, left_pad(lone)[1], max_new_tokens=8)
+    (ids_a, mask_a), (ids_b, mask_b) = left_pad(full), left_pad(lone)
+    a = ours.generate(ids_a, px, mask_a, max_new_tokens=8)
+    b = ours.generate(ids_b, px, mask_b, max_new_tokens=8)
     assert a.tolist() == b.tolist()
 
 
