@@ -411,10 +411,10 @@ def micro_batches(ds, args, rank: int, world: int, start: int):
 def resolve_tokenizer(args) -> str:
     if args.tokenizer:
         return args.tokenizer
-    if args.init:
-        tok = checkpoint.load_hf_config(args.init).get("tokenizer")
-        if tok:
-            return tok
+    if args.init:  # recorded by the parent's run (checkpoint.py follows the chain of stages)
+        found = checkpoint.tokenizer_folder(args.init)
+        if found != Path(args.init):
+            return str(found)
     if args.llm:
         return args.llm
     if args.demo or args.model_preset == "tiny":
