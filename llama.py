@@ -271,12 +271,17 @@ class Llama(nn.Module):
         if not self.embed_tokens.weight.is_meta:  # built on meta when a checkpoint follows
             self.init_weights()
 
-    def init_weights(self, std: float = 0.02):
-        """Only for models trained from scratch (the tiny demo): HF's `initializer_range` init.
+    def init_weights(self, std: float | None = None):
+        """Only for models trained from scratch (the tiny demo); every real model loads its weights.
 
-        PyTorch's defaults would give embeddings N(0, 1), which swamps the residual stream at
-        the start of training; every real model loads its weights instead.
+        Normal(0, std) for every Linear and Embedding, std = hidden_size ** -0.5 by default. HF's
+        `initializer_range` = 0.02 is about that for the 2-4k-wide models it was chosen for; at the
+        demo's width 256 it is 3x too small: word embeddings of norm 0.3 beside image features of
+        norm 3, and near-uniform attention that takes hundreds of steps to learn to pick one image
+        patch. On the demo chain, with train.py's pretrain lr 1e-3, it lowers the text loss from 0.66 to
+        0.46 and the caption loss from 0.76 to 0.44. (PyTorch's own defaults give embeddings N(0, 1).)
         """
+        std = self.config.hidden_size ** -0.5 if std is None else std
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=std)
