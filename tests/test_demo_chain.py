@@ -6,14 +6,19 @@
     python eval.py --model runs/finetune/final --task vqa --data demo_data/test.json --out out/eval
     python eval.py ... --blank-images
 
-The same 320 test questions are then answered by `LlavaForConditionalGeneration` loaded from the
+Asserted, on the 320 held-out questions: open recall >= 0.8; English and Chinese within 5 points
+(closed accuracy and open recall); with every image blanked, closed accuracy <= 0.6 and open recall
+at least 0.25 below the real run. Measured: open recall 0.888 (en 0.881, zh 0.894), closed accuracy
+0.712 (en and zh 0.712), blank 0.475 closed / 0.372 open. Issue 7's closed accuracy >= 0.95 is not
+met yet, so it is not asserted here.
+
+The same 320 questions are then answered by `LlavaForConditionalGeneration` loaded from the
 converted folder, with the prompt built by its own processor (chat template, <image> expansion,
 pixels): its greedy answers must equal ours, one for one. The export is fp32, as the demo was
 trained: the default bf16 export rounds the weights (logits move by ~0.02), enough to flip a
-yes/no the tiny model holds at a near-tie (seen: a 0.001 logit margin). The model must also be reading the image:
-blanking every image has to cost it most of what it gets right on open questions.
+yes/no the tiny model holds at a near-tie (seen: a 0.001 logit margin).
 
-About 4 minutes on 2 cores; every figure is printed (`pytest -s`).
+About 7 minutes on 2 cores; every figure is printed (`pytest -s`).
 """
 import json
 import subprocess
@@ -65,19 +70,22 @@ def predictions(folder: Path) -> dict:
     return {r["id"]: r for r in map(json.loads, (folder / "predictions.jsonl").read_text().splitlines())}
 
 
-def test_answers_come_from_the_image(chain):
+def test_scores_and_image_ablation(chain):
     cwd, _ = chain
     real, blank = scores(cwd / "out/eval"), scores(cwd / "out/eval-blank")
-    print(json.dumps({"real": real, "blank": blank}, indent=1, ensure_ascii=False)[:3000])
+    langs = {k: {m: v[m] for m in ("closed_accuracy", "open_recall")} for k, v in real["by_lang"].items()}
+    print(f"real images: closed {real['closed_accuracy']:.3f}, open recall {real['open_recall']:.3f}, by language {langs}")
+    print(f"blank images: closed {blank['closed_accuracy']:.3f}, open recall {blank['open_recall']:.3f}")
     preds = predictions(cwd / "out/eval")
     assert len(preds) == 320 and all(r["prediction"] is not None for r in preds.values())
-    open_real = [r["scores"]["recall"] for r in preds.values() if r["qtype"] == "open"]
-    open_blank = [r["scores"]["recall"] for r in predictions(cwd / "out/eval-blank").values() if r["qtype"] == "open"]
-    real_r, blank_r = sum(open_real) / len(open_real), sum(open_blank) / len(open_blank)
-    print(f"open recall: real images {real_r:.3f}, blank images {blank_r:.3f}")
-    # Modality and body part can only be read off the pixels (each is asked equally often per
-    # modality); a model that ignored the image would score the same on both runs.
-    assert real_r >= blank_r + 0.25, (real_r, blank_r)
+    assert real["open_recall"] >= 0.8
+    for metric in ("closed_accuracy", "open_recall"):
+        assert abs(langs["en"][metric] - langs["zh"][metric]) <= 0.05, (metric, langs)
+    # The answers come from the pixels: modality, body part and lesion are asked equally often per
+    # modality and yes/no answers alternate, so a model that ignored the image would score the
+    # same on both runs, at chance on closed questions.
+    assert blank["closed_accuracy"] <= 0.6, blank["closed_accuracy"]
+    assert real["open_recall"] >= blank["open_recall"] + 0.25, (real["open_recall"], blank["open_recall"])
 
 
 def test_transformers_gives_the_same_answers(chain):
