@@ -134,6 +134,21 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}  # HF "gelu" is the exact erf form
 
 
+def sincos_2d(dim: int, grid: int) -> torch.Tensor:
+    """(grid*grid, dim) fixed 2-D sin-cos position table in row-major patch order: the first half of
+    the channels encodes the row, the second half the column, each as sin/cos at dim/4 frequencies."""
+    if dim % 4:
+        raise ValueError(f"sincos_2d needs a hidden size divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    out = []
+    for coord in (rows, cols):
+        angle = coord.flatten()[:, None] * omega[None]  # (grid*grid, dim/4)
+        out += [angle.sin(), angle.cos()]
+    return torch.cat(out, dim=1).float()
+
+
 class Embeddings(nn.Module):
     def __init__(self, config: ClipConfig):
         super().__init__()
@@ -216,13 +231,22 @@ class VisionTransformer(nn.Module):
             self.init_weights()
 
     def init_weights(self) -> None:
-        """Only for random models (tests, smoke runs); real weights always come from a checkpoint.
+        """Only for random models (tests, the demo); real weights always come from a checkpoint.
 
-        torch.empty leaves the class token undefined and nn.Embedding's N(0, 1) would swamp the
-        patches, so these two follow CLIP's init; Linear/Conv/LayerNorm keep PyTorch's defaults.
+        The class token follows CLIP's init; Linear/Conv/LayerNorm keep PyTorch's defaults. The
+        position embeddings do not follow CLIP's N(0, 0.02): the demo's ViT is never pretrained, and
+        at 0.02 position is ~3% of a patch's content, so `pre_layrnorm`, which removes scale, maps
+        every uniform patch of one sign to about the same vector: a black lesion inside the body
+        looked like the air outside it. A fixed 2-D sin-cos table (as in MAE) at unit scale keeps
+        where a patch is. On the demo chain (1200 finetune steps) lesion presence went from 78% to
+        98-100% and dark lesions found from 23% to 92% (two runs; two runs with other data mixes
+        found dark lesions only 31-38% of the time).
         """
         nn.init.normal_(self.embeddings.class_embedding, std=self.config.hidden_size ** -0.5)
-        nn.init.normal_(self.embeddings.position_embedding.weight, std=0.02)
+        with torch.no_grad():
+            pe = self.embeddings.position_embedding.weight  # (1 + g*g, D); the class token's row is 0
+            pe.zero_()
+            pe[1:] = sincos_2d(self.config.hidden_size, self.config.image_size // self.config.patch_size)
 
     def _block(self, layer: EncoderLayer, x: torch.Tensor) -> torch.Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -413,15 +413,26 @@ def _turn(pattern, scan, lang, rng, bal, wording=None):
     return pattern, q, a
 
 
+# "Is this a CT?" and "Is the lesion upper left?" compare a word of the question with the image; the
+# model learns them after it reads the attribute itself, so they are picked 3x as often as the open
+# question of their group. Measured on the demo chain, one run each (lesion questions vary by 10-15
+# points between runs): "is this a CT?" 75.9 -> 92.6; the location check stayed near chance
+# (57.7 -> 51.9) and open location fell (79.1 -> 56.4).
+GROUP_P = 0.9  # chance that a conversation asks about each attribute group
+PATTERN_WEIGHT = {"modality_check": 3.0, "location_check": 3.0}
+
+
 def _conversation(scan, lang, rng, bal, presence_wording):
     """Multi-turn VQA for one training image: one question per attribute at most (modality, lesion
     presence, location, brightness), so no answer can be read off an earlier one except that a
     located lesion exists; presence, when asked, comes first as in a clinical read."""
     groups = [g for g in (("modality_check", "modality", "body_part"), ("location_check", "location"), ("brightness",))
-              if any(applicable(p, scan) for p in g) and rng.random() < 0.75]
+              if any(applicable(p, scan) for p in g) and rng.random() < GROUP_P]
     turns = [_turn("presence", scan, lang, rng, bal, presence_wording)] if presence_wording is not None else []
     for i in rng.permutation(len(groups)):
-        turns.append(_turn(_pick(rng, [p for p in groups[i] if applicable(p, scan)]), scan, lang, rng, bal))
+        ps = [p for p in groups[i] if applicable(p, scan)]
+        w = np.array([PATTERN_WEIGHT.get(p, 1.0) for p in ps])
+        turns.append(_turn(ps[int(rng.choice(len(ps), p=w / w.sum()))], scan, lang, rng, bal))
     if not turns:
         turns.append(_turn("modality", scan, lang, rng, bal))
     return turns
