@@ -625,13 +625,14 @@ def _write_demo(root: Path, seed: int, n_train: int, n_test: int) -> dict:
             test.append(rec)
 
     # raw text for the text stage: descriptions, facts, and captions followed by questions about them
-    rng, text = np.random.default_rng([seed, 5]), []
+    rng, tbal, text = np.random.default_rng([seed, 5]), Balancer(), []
     for lang in ("en", "zh"):
         text += DESCRIPTIONS[lang] + [s for _, _, s in FACTS[lang]] + [f"{q} {a}" for q, a, _ in FACTS[lang]]
     for k in range(n_train):
         lang = ("en", "zh")[k % 2]
         scan = random_scan(rng, rng.random() < 0.5)
-        qa = _conversation(scan, lang, rng, Balancer(), int(rng.integers(2)) if rng.random() < 0.5 else None)
+        # one Balancer for the whole corpus: a fresh one per line made every line's first check "yes"
+        qa = _conversation(scan, lang, rng, tbal, int(rng.integers(2)) if rng.random() < 0.5 else None)
         ask_, answer = TEXT_QA[lang]
         text.append("\n".join([caption(scan, lang, int(rng.integers(2)))] + [f"{ask_}{q}\n{answer}{a}" for _, q, a in qa]))
     text = [text[j] for j in rng.permutation(len(text))]

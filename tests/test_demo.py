@@ -3,6 +3,7 @@
 `tokenizers` and transformers with the Llama-3 special tokens as single ids."""
 import hashlib
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -135,6 +136,20 @@ def test_finetune_balanced_per_wording(built):
             assert abs(by_question[q][True] - by_question[q][False]) <= 1, (q, by_question[q])
         total = sum((c for q, c in by_question.items() if q.isascii() == (lang == "en")), Counter())
         assert abs(total[True] / (total[True] + total[False]) - 0.5) < 0.06, (lang, total)
+
+
+def test_text_checks_not_predictable_from_their_place(built):
+    """text.jsonl lines are a caption then questions: the k-th yes/no check of a line must not give its
+    answer away (a fresh Balancer per line once made every first check "yes")."""
+    by_place = {}
+    for line in (built / "text.jsonl").read_text(encoding="utf-8").splitlines():
+        answers = [a for a in re.findall(r"(?:Answer: |答：)(.+)", json.loads(line)["text"]) if a in ("yes", "no", "是", "否")]
+        for k, a in enumerate(answers):
+            by_place.setdefault(k, Counter())[a in ("yes", "是")] += 1
+    assert by_place, "no yes/no checks in text.jsonl"
+    for k, c in by_place.items():
+        if sum(c.values()) >= 50:
+            assert abs(c[True] / sum(c.values()) - 0.5) < 0.1, (k, c)
 
 
 def test_blind_baseline_scores_chance(built):
