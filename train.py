@@ -83,7 +83,7 @@ HPARAMS = {
 }
 LLM_LORA_LR = 2e-4
 # The embedded demo (tiny preset, 2-core CPU, one sample per ~70 tokens): the chain text ->
-# pretrain -> finetune runs in ~7 minutes. Pretrain uses upstream's lr 1e-3: at 1e-2 the projector's
+# pretrain -> finetune runs in ~8 minutes. Pretrain uses upstream's lr 1e-3: at 1e-2 the projector's
 # outputs grew to norm 150 (400x the word embeddings) and finetune then read the modality right 79%
 # of the time instead of 97%. With the LLM init of llama.Llama.init_weights, finetune 600 / 1000 /
 # 1200 steps gave closed accuracy 64 / 74 / 73% and open recall 83 / 85 / 86% (English and Chinese
