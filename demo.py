@@ -74,7 +74,7 @@ QUESTIONS = {
                  "zh": ["图像中有病灶吗？", "这张图像有异常吗？"]},
     "modality_check": {"en": ["Is this {a_mod} image?", "Was this image taken with {mod}?"],
                        "zh": ["这是{mod}图像吗？", "这张图像是{mod}检查吗？"]},
-    "location_check": {"en": ["Is the lesion in the {loc} region?"], "zh": ["病灶位于{loc}区域吗？"]},
+    "brightness_check": {"en": ["Is the lesion {b}?"], "zh": ["病灶是{b}吗？"]},
     # open (1-3 word answers)
     "modality": {"en": ["What modality is this?", "What type of scan is this?"],
                  "zh": ["这是什么检查？", "这是哪种影像检查？"]},
@@ -82,7 +82,7 @@ QUESTIONS = {
     "brightness": {"en": ["Is the lesion bright or dark?"], "zh": ["病灶是亮斑还是暗斑？"]},
     "body_part": {"en": ["Which part of the body is shown?"], "zh": ["这是身体的哪个部位？"]},
 }
-CLOSED = ("presence", "modality_check", "location_check")
+CLOSED = ("presence", "modality_check", "brightness_check")
 # MultiMedEval prefixes closed questions with this at evaluation; some training turns carry it too.
 YES_NO_PREFIX = {"en": "Answer the following question with yes or no. ", "zh": "请用是或否回答以下问题。"}
 TEXT_QA = {"en": ("Question: ", "Answer: "), "zh": ("问：", "答：")}  # text.jsonl: caption, then QA lines
@@ -378,9 +378,9 @@ def ask(pattern: str, scan: Scan, lang: str, wording: int, want_yes: bool, rng) 
         named = scan.modality if want_yes else _pick(rng, [k for k in MODALITIES if k != scan.modality])
         n = MODALITIES[named]
         return q.format(a_mod=n["en_a"], mod=n[lang]), yes if want_yes else no
-    if pattern == "location_check":
-        named = scan.lesion if want_yes else _pick(rng, [k for k in LOCATIONS if k != scan.lesion])
-        return q.format(loc=LOCATIONS[named][lang == "zh"]), yes if want_yes else no
+    if pattern == "brightness_check":
+        named = scan.bright == want_yes  # the lesion's own brightness, or the other one
+        return q.format(b=BRIGHTNESS[named][lang == "zh"]), yes if want_yes else no
     if pattern == "modality":
         return q, m[lang]
     if pattern == "location":
@@ -395,9 +395,7 @@ def ask(pattern: str, scan: Scan, lang: str, wording: int, want_yes: bool, rng) 
 def applicable(pattern: str, scan: Scan) -> bool:
     if scan.kind == "dicom_original":  # real images: we only know their modality
         return pattern in ("modality_check", "modality")
-    if pattern == "location_check":
-        return scan.lesion is not None
-    if pattern == "brightness":  # DICOM variants only carry bright lesions: don't teach that prior
+    if pattern in ("brightness", "brightness_check"):  # DICOM variants only carry bright lesions: don't teach that prior
         return scan.lesion is not None and scan.kind == "synthetic"
     if pattern == "body_part":
         return scan.kind == "synthetic"
@@ -408,25 +406,29 @@ def _turn(pattern, scan, lang, rng, bal, wording=None):
     """One (pattern, question, answer) with exact yes/no alternation per (pattern, lang, wording)."""
     if wording is None:
         wording = int(rng.integers(len(QUESTIONS[pattern][lang])))
-    want_yes = bal.next((pattern, lang, wording)) if pattern in ("modality_check", "location_check") else None
+    want_yes = bal.next((pattern, lang, wording)) if pattern in ("modality_check", "brightness_check") else None
     q, a = ask(pattern, scan, lang, wording, want_yes, rng)
     return pattern, q, a
 
 
-# "Is this a CT?" and "Is the lesion upper left?" compare a word of the question with the image; the
+# "Is this a CT?" and "Is the lesion bright?" compare a word of the question with the image; the
 # model learns them after it reads the attribute itself, so they are picked 3x as often as the open
-# question of their group. Measured on the demo chain, one run each (lesion questions vary by 10-15
-# points between runs): "is this a CT?" 75.9 -> 92.6; the location check stayed near chance
-# (57.7 -> 51.9) and open location fell (79.1 -> 56.4).
+# question of their group (measured on the demo chain: "is this a CT?" 75.9 -> 92.6).
+# The lesion's location is asked open only ("Where is the lesion?"). Yes/no checks of it stayed near
+# chance in every demo chain: "Is the lesion in the upper left region?" 46-64% over 12 runs on the
+# CPU and 44-67% over 28 on a GPU, "Is the lesion on the left side?" 44-53% over 4, and even the
+# fixed-wording "Is the lesion on the left side?" (answer = one image bit) only 63-67% over 3, while
+# open location recall was 51-86%. The tiny model reads where the lesion is only partly within the
+# demo's budget, and a check compounds that with a comparison.
 GROUP_P = 0.9  # chance that a conversation asks about each attribute group
-PATTERN_WEIGHT = {"modality_check": 3.0, "location_check": 3.0}
+PATTERN_WEIGHT = {"modality_check": 3.0, "brightness_check": 3.0}
 
 
 def _conversation(scan, lang, rng, bal, presence_wording):
     """Multi-turn VQA for one training image: one question per attribute at most (modality, lesion
     presence, location, brightness), so no answer can be read off an earlier one except that a
     located lesion exists; presence, when asked, comes first as in a clinical read."""
-    groups = [g for g in (("modality_check", "modality", "body_part"), ("location_check", "location"), ("brightness",))
+    groups = [g for g in (("modality_check", "modality", "body_part"), ("location",), ("brightness_check", "brightness"))
               if any(applicable(p, scan) for p in g) and rng.random() < GROUP_P]
     turns = [_turn("presence", scan, lang, rng, bal, presence_wording)] if presence_wording is not None else []
     for i in rng.permutation(len(groups)):
@@ -465,8 +467,8 @@ def tokenizer_corpus() -> list[str]:
     for lang in ("en", "zh"):
         ask_, answer = TEXT_QA[lang]
         for q in (q for wordings in QUESTIONS.values() for q in wordings[lang]):
-            qs = sorted({q.format(a_mod=m["en_a"], mod=m[lang], loc=loc[lang == "zh"])
-                         for m in MODALITIES.values() for loc in LOCATIONS.values()})
+            qs = sorted({q.format(a_mod=m["en_a"], mod=m[lang], b=b[lang == "zh"])
+                         for m in MODALITIES.values() for b in BRIGHTNESS.values()})
             out += qs + [YES_NO_PREFIX[lang] + q for q in qs] + [f"{ask_}{q}\n{answer}" for q in qs]
         answers = [*YES_NO[lang], NO_LESION[lang], *(m[k] for m in MODALITIES.values() for k in (lang, "part_" + lang)),
                    *(loc[lang == "zh"] for loc in LOCATIONS.values()), *(b[lang == "zh"] for b in BRIGHTNESS.values())]
@@ -578,6 +580,11 @@ def _write_demo(root: Path, seed: int, n_train: int, n_test: int) -> dict:
         render(scan, np.random.default_rng([seed, 2, i])).save(root / name, compress_level=1)  # noise compresses badly
         train_scans.append((name, scan))
         finetune.append(_llava(f"train_{i:05d}", name, _conversation(scan, lang, rng, bal, presence_wording), rng, 0.2))
+        # and a second conversation in the other language: a yes/no check then names other values for
+        # the same image ("Is this a CT?" once, "Is this an MRI?" another time), so it cannot be
+        # memorised per image (finetune sees each record ~7 times) and must be compared
+        other = ("zh", "en")[i % 2]
+        finetune.append(_llava(f"train_{i:05d}_{other}", name, _conversation(scan, other, rng, bal, None), rng, 0.2))
     for name, scan in _dicom_images(img_dir, seed):
         name = f"images/{name}"
         lang = ("en", "zh")[len(train_scans) % 2]
@@ -610,7 +617,7 @@ def _write_demo(root: Path, seed: int, n_train: int, n_test: int) -> dict:
         k = n_asked[closed, lang] = n_asked.get((closed, lang), -1) + 1
         wording = k % len(QUESTIONS[closed][lang])
         want_yes = tbal.next((closed, lang, wording))
-        has_lesion = want_yes if closed == "presence" else closed == "location_check" or rng.random() < 0.5
+        has_lesion = want_yes if closed == "presence" else closed == "brightness_check" or rng.random() < 0.5
         scan = random_scan(rng, has_lesion)
         name = f"images/test_{j:05d}.png"
         render(scan, np.random.default_rng([seed, 4, j])).save(root / name, compress_level=1)
