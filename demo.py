@@ -416,9 +416,9 @@ def _turn(pattern, scan, lang, rng, bal, wording=None):
 # question of their group (measured on the demo chain: "is this a CT?" 75.9 -> 92.6).
 # The lesion's location is asked open only ("Where is the lesion?"). Yes/no checks of it stayed near
 # chance in every demo chain: "Is the lesion in the upper left region?" 46-64% over 12 runs on the
-# CPU and 44-67% over 28 on a GPU, "Is the lesion on the left side?" 44-53% over 4, and even the
+# CPU and 46-68% over 32 on a GPU, "Is the lesion on the left side?" 44-53% over 5, and even the
 # fixed-wording "Is the lesion on the left side?" (answer = one image bit) only 63-67% over 3, while
-# open location recall was 51-86%. The tiny model reads where the lesion is only partly within the
+# open location recall was 41-86%. The tiny model reads where the lesion is only partly within the
 # demo's budget, and a check compounds that with a comparison.
 GROUP_P = 0.9  # chance that a conversation asks about each attribute group
 PATTERN_WEIGHT = {"modality_check": 3.0, "brightness_check": 3.0}
