@@ -678,8 +678,9 @@ Regenerate with `python demo.py --force`; nothing here is downloaded.
   files and variants with a synthetic bright lesion; training only). Locations are image quadrants
   ("upper left" = top-left of the picture).
 - `pretrain.json`: {st['pretrain']} image-caption pairs (LLaVA format), English and Chinese.
-- `finetune.json`: {st['finetune']} instruction records: multi-turn VQA on every training image plus
-  {st['finetune_text_only']} text-only QA records (integer ids).
+- `finetune.json`: {st['finetune']} instruction records: multi-turn VQA on every training image (two
+  conversations per synthetic image, one per language) plus {st['finetune_text_only']} text-only QA
+  records (integer ids).
 - `text.jsonl`: {st['text']} raw-text lines for the text stage.
 - `test.json`: {st['test']} single-turn questions on the held-out images ({by_type}), with
   `question`, `answer`, `answer_type` (CLOSED = yes/no, 是/否) and `lang`.
