@@ -83,6 +83,7 @@ QUESTIONS = {
     "body_part": {"en": ["Which part of the body is shown?"], "zh": ["这是身体的哪个部位？"]},
 }
 CLOSED = ("presence", "modality_check", "brightness_check")
+CHECKS = ("modality_check", "brightness_check")  # yes/no about a value the question names
 # MultiMedEval prefixes closed questions with this at evaluation; some training turns carry it too.
 YES_NO_PREFIX = {"en": "Answer the following question with yes or no. ", "zh": "请用是或否回答以下问题。"}
 TEXT_QA = {"en": ("Question: ", "Answer: "), "zh": ("问：", "答：")}  # text.jsonl: caption, then QA lines
@@ -406,7 +407,7 @@ def _turn(pattern, scan, lang, rng, bal, wording=None):
     """One (pattern, question, answer) with exact yes/no alternation per (pattern, lang, wording)."""
     if wording is None:
         wording = int(rng.integers(len(QUESTIONS[pattern][lang])))
-    want_yes = bal.next((pattern, lang, wording)) if pattern in ("modality_check", "brightness_check") else None
+    want_yes = bal.next((pattern, lang, wording)) if pattern in CHECKS else None
     q, a = ask(pattern, scan, lang, wording, want_yes, rng)
     return pattern, q, a
 
@@ -421,7 +422,7 @@ def _turn(pattern, scan, lang, rng, bal, wording=None):
 # open location recall was 41-86%. The tiny model reads where the lesion is only partly within the
 # demo's budget, and a check compounds that with a comparison.
 GROUP_P = 0.9  # chance that a conversation asks about each attribute group
-PATTERN_WEIGHT = {"modality_check": 3.0, "brightness_check": 3.0}
+PATTERN_WEIGHT = {p: 3.0 for p in CHECKS}
 
 
 def _conversation(scan, lang, rng, bal, presence_wording):
