@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-IGNORE_INDEX = -100  # label value F.cross_entropy skips
+from special_ids import IGNORE_INDEX, IMAGE_TOKEN_ID  # noqa: F401  (re-exported: data.IGNORE_INDEX)
+
 IMAGE_TOKEN = "<image>"  # placeholder in record text; never in the vocabulary
-IMAGE_TOKEN_ID = -200  # LLaVA's IMAGE_TOKEN_INDEX: the model overwrites these positions with image features
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's preprocessing statistics
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -787,6 +787,42 @@ def collate(batch, pad_id: int, padding_side: str = "right") -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "pixel_values": torch.stack(images) if images else None,  # (n_images, 3, S, S), batch order
             "ids": [b.get("id") for b in batch], "skipped": skipped}
+
+
+def expand_image_tokens(input_ids: torch.Tensor, num_image_tokens: int, attention_mask=None, labels=None,
+                        image_token_id: int = IMAGE_TOKEN_ID):
+    """LLaVA's one-placeholder-per-image convention -> ours: each lone placeholder becomes
+    `num_image_tokens` of them (label IGNORE_INDEX). For batches written by the original LLaVA or
+    xtuner code; our own encoders already write every position. Runs that are already expanded are
+    left alone; rows are re-padded on the side they were padded on. Returns (ids, mask, labels)."""
+    n, img = num_image_tokens, image_token_id
+    is_img = input_ids == img
+    prev = torch.nn.functional.pad(is_img[:, :-1], (1, 0), value=False)
+    nxt = torch.nn.functional.pad(is_img[:, 1:], (0, 1), value=False)
+    lone = is_img & ~prev & ~nxt
+    if n == 1 or not lone.any():
+        return input_ids, attention_mask, labels
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    left = bool((attention_mask[:, 0] == 0).any()) and not bool((attention_mask[:, -1] == 0).any())
+    rows = []
+    for b in range(input_ids.shape[0]):
+        keep = attention_mask[b].bool()
+        reps = torch.where(lone[b], n, 1)[keep]
+        row_lab = None
+        if labels is not None:
+            row_lab = labels[b][keep].masked_fill(lone[b][keep], IGNORE_INDEX).repeat_interleave(reps)
+        rows.append((input_ids[b][keep].repeat_interleave(reps), row_lab))
+    T = max(r[0].numel() for r in rows)
+    ids = input_ids.new_zeros(len(rows), T)
+    mask = attention_mask.new_zeros(len(rows), T)
+    labs = None if labels is None else labels.new_full((len(rows), T), IGNORE_INDEX)
+    for b, (row_ids, row_lab) in enumerate(rows):
+        sl = slice(T - row_ids.numel(), T) if left else slice(0, row_ids.numel())
+        ids[b, sl], mask[b, sl] = row_ids, 1
+        if labs is not None:
+            labs[b, sl] = row_lab
+    return ids, mask, labs
 
 
 def _split_even(batch, lengths, n):

@@ -185,6 +185,34 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)  # cast back before the weight, as HF does (bit-level parity)
 
 
+def default_positions(attention_mask: Tensor | None, input_pos: int, B: int, T: int, device) -> Tensor:
+    """Positions (B, T) of this chunk, counting real tokens only (a left-padded row starts at 0)."""
+    if attention_mask is None:
+        return torch.arange(input_pos, input_pos + T, device=device).expand(B, T)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, input_pos:]
+
+
+def attention_bias(attention_mask: Tensor | None, input_pos: int, T: int, cached: bool, device) -> Tensor | None:
+    """Boolean SDPA mask (B or 1, 1, T, S) = causal and key-is-real; None lets SDPA run its fused causal path.
+
+    None only when there is nothing to mask beyond causality: no padding and no cache (then T == S).
+    """
+    if attention_mask is not None and not cached and bool(attention_mask.all()):
+        attention_mask = None
+    if attention_mask is None and not cached:
+        return None
+    S = input_pos + T
+    q_pos = torch.arange(input_pos, S, device=device)[:, None]  # (T, 1) absolute query positions
+    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S) causal
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S) and the key is not padding
+        # A pad query (the first columns of a left-padded row) would otherwise see no key at all; some SDPA
+        # backends return NaN for a fully masked row, and NaN spreads. Seeing itself changes no real query.
+        mask = mask | (k_pos == q_pos)
+    return mask
+
+
 class KVCache(nn.Module):
     """Keys/values of every position decoded so far, for one layer. Created only by generation."""
 
@@ -265,8 +293,9 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.tie_weights()
-        # Non-persistent: derived from the config, absent from checkpoints (HF drops its rotary buffers too).
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        # A plain fp32 tensor, not a buffer: derived from the config, never in a checkpoint, and left
+        # alone by model.to(bf16) (bf16 frequencies put far positions off by whole rotations).
+        self.inv_freq = rope_inv_freq(config, device="cpu")  # (hd/2,); explicit device: also under meta
         self.gradient_checkpointing = False
         if not self.embed_tokens.weight.is_meta:  # built on meta when a checkpoint follows
             self.init_weights()
@@ -290,11 +319,6 @@ class Llama(nn.Module):
         """Make lm_head share embed_tokens' Parameter (again after anything that replaces either one)."""
         self.lm_head.weight = self.embed_tokens.weight
 
-    def init_buffers(self, device=None):
-        """(Re)create the fp32 RoPE frequencies, e.g. after building on meta and loading with assign=True."""
-        device = device if device is not None else self.embed_tokens.weight.device
-        self.inv_freq = rope_inv_freq(self.config, device=device)
-
     def make_kv_caches(self, batch_size, max_seq_len, dtype=None, device=None) -> nn.ModuleList:
         w = self.embed_tokens.weight
         c = self.config
@@ -310,39 +334,15 @@ class Llama(nn.Module):
         row starts at 0 and generation continues the positions its prompt used.
         """
         B, T, _ = inputs_embeds.shape
-        S, device = input_pos + T, inputs_embeds.device
         if kv_caches is None and input_pos != 0:
             raise ValueError(f"input_pos={input_pos} needs kv_caches (without a cache the keys start at 0)")
-        if attention_mask is not None and attention_mask.shape != (B, S):
-            raise ValueError(f"attention_mask must be (batch, input_pos + T) = {(B, S)}, "
+        if attention_mask is not None and attention_mask.shape != (B, input_pos + T):
+            raise ValueError(f"attention_mask must be (batch, input_pos + T) = {(B, input_pos + T)}, "
                              f"got {tuple(attention_mask.shape)}")
         if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, input_pos:]  # (B, T)
-            else:
-                position_ids = torch.arange(input_pos, S, device=device).expand(B, T)
-
-        if attention_mask is not None and kv_caches is None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: let SDPA take its fused causal path
-        mask = None  # None -> is_causal=True (no padding, no cache: T == S)
-        if attention_mask is not None or kv_caches is not None:
-            q_pos = torch.arange(input_pos, S, device=device)[:, None]  # (T, 1) absolute query positions
-            k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
-            mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S) causal
-            if attention_mask is not None:
-                mask = mask & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S) and key is not padding
-                # A pad query (e.g. the first columns of a left-padded row) would otherwise see no key at all;
-                # some SDPA backends return NaN for a fully masked row, and NaN spreads through later layers.
-                # Letting each query see itself changes nothing for real queries (their own key is real).
-                mask = mask | (k_pos == q_pos)
-
-        if self.inv_freq.dtype != torch.float32 or self.inv_freq.device != device:
-            # model.to(bf16) casts buffers too; bf16 frequencies put far positions off by whole rotations.
-            self.init_buffers(device)
-        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2) in fp32
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
-        cos, sin = emb.cos().to(inputs_embeds.dtype), emb.sin().to(inputs_embeds.dtype)
-
+            position_ids = default_positions(attention_mask, input_pos, B, T, inputs_embeds.device)
+        mask = attention_bias(attention_mask, input_pos, T, kv_caches is not None, inputs_embeds.device)
+        cos, sin = self.rope(position_ids, inputs_embeds.dtype)
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
             cache = kv_caches[i] if kv_caches is not None else None
@@ -351,6 +351,12 @@ class Llama(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, cache, input_pos)
         return self.norm(x)
+
+    def rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin (B, T, hd) for these positions: angles in fp32, cast once for every layer."""
+        freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd): rotate-half pairs dim i with i + hd/2
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 kv_caches=None, input_pos: int = 0) -> Tensor:
@@ -390,5 +396,4 @@ def from_pretrained(path, dtype=torch.float32, device=None) -> Llama:
         model.tie_weights()
     if device is not None:
         model.to(device)
-    model.init_buffers()
     return model.eval()

@@ -30,8 +30,7 @@ import llama
 import lora
 import projector
 
-IGNORE_INDEX = -100
-IMAGE_TOKEN_ID = -200  # LLaVA's IMAGE_TOKEN_INDEX: a placeholder id outside every vocabulary
+from special_ids import IGNORE_INDEX, IMAGE_TOKEN_ID
 FORMAT = "doctor-sun"  # marks this project's own checkpoint folders (config.json "format")
 
 
@@ -75,13 +74,21 @@ presets: dict[str, tuple[str, str]] = {
 
 
 class DoctorSun(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """The three parts. `vision` / `llm`, if given, are already-built (loaded) parts; the others are
+    created here, randomly initialised, or empty when built under `torch.device("meta")`."""
+
+    def __init__(self, config: ModelConfig, *, vision: clip.VisionTransformer | None = None,
+                 llm: llama.Llama | None = None):
         super().__init__()
+        for name, part, want in (("vision", vision, config.vision), ("llm", llm, config.llm)):
+            if part is not None and part.config != want:
+                raise ValueError(f"the given {name} part's config differs from the model config: "
+                                 f"{part.config} vs {want}")
         self.config = config
-        self.vision = clip.VisionTransformer(config.vision)
+        self.vision = vision if vision is not None else clip.VisionTransformer(config.vision)
         self.projector = projector.build(config.projector_type, config.vision.hidden_size,
                                          config.llm.hidden_size)
-        self.llm = llama.Llama(config.llm)
+        self.llm = llm if llm is not None else llama.Llama(config.llm)
 
     @property
     def image_token_id(self) -> int:
@@ -101,44 +108,6 @@ class DoctorSun(nn.Module):
         with torch.set_grad_enabled(needs_grad):
             feats = self.vision(pixel_values)  # (n_img, N, D_vit)
         return self.projector(feats.to(self.projector[0].weight.dtype))
-
-    def expand_image_tokens(self, input_ids, attention_mask=None, labels=None):
-        """Expand every lone placeholder into `num_image_tokens` placeholders.
-
-        Runs of placeholders that are already `num_image_tokens` long (the processor's layout) are
-        left alone. Rows are re-padded on the side they were padded on.
-        """
-        n, img = self.num_image_tokens, self.image_token_id
-        is_img = input_ids == img
-        prev = F.pad(is_img[:, :-1], (1, 0), value=False)
-        nxt = F.pad(is_img[:, 1:], (0, 1), value=False)
-        lone = is_img & ~prev & ~nxt
-        if n == 1 or not lone.any():
-            return input_ids, attention_mask, labels
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        left = bool((attention_mask[:, 0] == 0).any()) and not bool((attention_mask[:, -1] == 0).any())
-        rows = []
-        for b in range(input_ids.shape[0]):
-            keep = attention_mask[b].bool()
-            reps = torch.where(lone[b], n, 1)[keep]
-            row_ids = input_ids[b][keep].repeat_interleave(reps)
-            row_lab = None
-            if labels is not None:
-                lab = labels[b][keep].clone()
-                lab[lone[b][keep]] = IGNORE_INDEX
-                row_lab = lab.repeat_interleave(reps)
-            rows.append((row_ids, row_lab))
-        T = max(r[0].numel() for r in rows)
-        ids = input_ids.new_zeros(len(rows), T)
-        mask = attention_mask.new_zeros(len(rows), T)
-        labs = None if labels is None else labels.new_full((len(rows), T), IGNORE_INDEX)
-        for b, (row_ids, row_lab) in enumerate(rows):
-            sl = slice(T - row_ids.numel(), T) if left else slice(0, row_ids.numel())
-            ids[b, sl], mask[b, sl] = row_ids, 1
-            if labs is not None:
-                labs[b, sl] = row_lab
-        return ids, mask, labs
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with image features scattered into the placeholder positions."""
@@ -170,7 +139,6 @@ class DoctorSun(nn.Module):
         then computed only at supervised positions, in chunks: with a 128k vocabulary the full
         (B, T, V) tensor would be the largest activation of the step.
         """
-        input_ids, attention_mask, labels = self.expand_image_tokens(input_ids, attention_mask, labels)
         embeds = self.embed(input_ids, pixel_values)
         hidden = self.llm.forward_hidden(embeds, attention_mask=attention_mask,
                                          position_ids=position_ids)  # (B, T, D)
@@ -206,7 +174,6 @@ class DoctorSun(nn.Module):
         """
         if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("generate() needs left padding: some rows end with padding")
-        input_ids, attention_mask, _ = self.expand_image_tokens(input_ids, attention_mask)
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -341,7 +308,6 @@ def _build_meta(cfg: ModelConfig) -> DoctorSun:
 def _finish(m: DoctorSun) -> DoctorSun:
     if m.config.llm.tie_word_embeddings:
         m.llm.lm_head.weight = m.llm.embed_tokens.weight
-    m.llm.init_buffers(m.llm.embed_tokens.weight.device)  # RoPE tables are derived, not loaded
     checkpoint.materialized(m)
     return m.eval()
 
@@ -466,6 +432,4 @@ def build(name_or_config: str | ModelConfig = "tiny", seed: int = 0, dtype=torch
     """A randomly initialised model (the tiny CPU demo, or tests)."""
     cfg = ModelConfig.from_name(name_or_config) if isinstance(name_or_config, str) else name_or_config
     torch.manual_seed(seed)
-    m = DoctorSun(cfg).to(dtype)
-    m.llm.init_buffers()
-    return m
+    return DoctorSun(cfg).to(dtype)

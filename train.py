@@ -58,7 +58,6 @@ import data
 import llama
 import lora
 import model
-import projector
 
 ROOT = Path(__file__).resolve().parent
 
@@ -268,15 +267,10 @@ def build_model(args, cfg: model.ModelConfig, dtype) -> model.DoctorSun:
     if not (args.vision or args.llm):
         return model.build(cfg, seed=args.seed, dtype=dtype)
     torch.manual_seed(args.seed)
-    with torch.device("meta"):
-        m = model.DoctorSun(cfg)
-    m.vision = (clip.from_pretrained(args.vision, dtype, select_layer=cfg.vision.select_layer,
-                                     select_feature=cfg.vision.select_feature)
-                if args.vision else clip.VisionTransformer(cfg.vision).to(dtype))
-    m.projector = projector.build(cfg.projector_type, cfg.vision.hidden_size, cfg.llm.hidden_size).to(dtype)
-    m.llm = llama.from_pretrained(args.llm, dtype) if args.llm else llama.Llama(cfg.llm).to(dtype)
-    m.llm.init_buffers()
-    return m
+    vision = (clip.from_pretrained(args.vision, dtype, select_layer=cfg.vision.select_layer,
+                                   select_feature=cfg.vision.select_feature) if args.vision else None)
+    llm = llama.from_pretrained(args.llm, dtype) if args.llm else None
+    return model.DoctorSun(cfg, vision=vision, llm=llm).to(dtype)
 
 
 def apply_stage(m: model.DoctorSun, args) -> dict:

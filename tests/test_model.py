@@ -12,6 +12,7 @@ import transformers
 
 import checkpoint
 import clip
+import data
 import llama
 import lora
 import model
@@ -84,14 +85,17 @@ def test_logits_match_transformers_fp32(pair):
 
 
 def test_lone_placeholder_expands_like_processor(pair):
+    """LLaVA's one-placeholder batches, expanded by data.expand_image_tokens, give the same logits."""
     _, ours, _ = pair
     g = torch.Generator().manual_seed(2)
     full = prompt(4, 6, g)
     lone = full[:4] + [IMG] + full[20:]
     px = torch.randn(1, 3, 32, 32, generator=g)
+    lone_ids, _, _ = data.expand_image_tokens(torch.tensor([lone]), ours.num_image_tokens,
+                                              image_token_id=ours.image_token_id)
     with torch.no_grad():
         a = ours(torch.tensor([full]), pixel_values=px)
-        b = ours(torch.tensor([lone]), pixel_values=px)
+        b = ours(lone_ids, pixel_values=px)
     assert a.shape == b.shape
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
@@ -166,6 +170,8 @@ def test_generate_with_lone_placeholders_equals_expanded(pair):
     lone = [r[:r.index(IMG)] + [IMG] + r[r.index(IMG) + 16:] for r in full]
     px = torch.randn(2, 3, 32, 32, generator=g)
     (ids_a, mask_a), (ids_b, mask_b) = left_pad(full), left_pad(lone)
+    ids_b, mask_b, _ = data.expand_image_tokens(ids_b, ours.num_image_tokens, mask_b,
+                                                image_token_id=ours.image_token_id)
     a = ours.generate(ids_a, px, mask_a, max_new_tokens=8)
     b = ours.generate(ids_b, px, mask_b, max_new_tokens=8)
     assert a.tolist() == b.tolist()
