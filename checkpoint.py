@@ -119,41 +119,75 @@ def rename(key: str, key_map: dict[str, str]) -> str | None:
     return None if best is None else key_map[best] + key[len(best):]
 
 
-def load_state(module: nn.Module, path: str | Path, key_map: dict[str, str], *,
-               ignore: tuple[str, ...] = (), dtype: torch.dtype | None = None,
-               strict: bool = True) -> list[str]:
-    """Stream the tensors of `path` into `module` (usually built on `meta`).
+class State(dict):
+    """Tensors under our names; `origin[name]` = (the key in the file, the file), for error messages."""
 
-    key_map renames foreign keys by prefix (longest wins); keys starting with a prefix in
-    `ignore` are skipped. Unknown keys, wrong shapes and (if strict) missing keys are errors
-    naming the key and the file. Returns the keys that were loaded (module names).
-    With strict=False, missing keys are allowed (several sources fill one model) but unknown
-    keys and wrong shapes are still errors.
+    def __init__(self):
+        super().__init__()
+        self.origin: dict[str, tuple[str, Path]] = {}
+
+
+def read_state(path: str | Path, key_map: dict[str, str], *, ignore: tuple[str, ...] = (),
+               dtype: torch.dtype | None = None) -> State:
+    """Stream the tensors of `path`, renamed by `key_map` (longest prefix wins), floats cast once.
+
+    Keys starting with a prefix in `ignore` are skipped; a key no prefix maps, or two keys mapping to
+    one name, are errors naming the key and the file.
     """
-    expected = module.state_dict(keep_vars=True)
-    state: dict[str, torch.Tensor] = {}
+    state = State()
     for key, tensor, file in iter_tensors(path):
         if any(key.startswith(p) for p in ignore):
             continue
         name = rename(key, key_map)
-        if name is None or name not in expected:
+        if name is None:
+            raise CheckpointError(f"unexpected key {key!r} in {file}")
+        if name in state:
+            raise CheckpointError(f"key {name!r} appears twice (again in {file})")
+        state[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        state.origin[name] = (key, file)
+    return state
+
+
+def assign(module: nn.Module, state: State, *, strict: bool = True, source: str | Path = "",
+           allow_missing: tuple[str, ...] = ()) -> list[str]:
+    """Adopt `state` as `module`'s tensors (`load_state_dict(assign=True)`), after checking it fits.
+
+    A name the module lacks or a wrong shape is an error naming the file's key; with `strict`, so is
+    a module tensor the state lacks (except names starting with `allow_missing`). Floats keep the
+    state's dtype. Returns the names loaded.
+    """
+    expected = module.state_dict(keep_vars=True)
+    for name, tensor in state.items():
+        key, file = state.origin.get(name, (name, source))
+        if name not in expected:
             raise CheckpointError(f"unexpected key {key!r} in {file}"
-                                  + (f" (mapped to {name!r})" if name and name != key else ""))
+                                  + (f" (mapped to {name!r})" if name != key else ""))
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(f"wrong shape for {key!r} in {file}: checkpoint "
                                   f"{tuple(tensor.shape)}, model expects {tuple(expected[name].shape)}")
-        if name in state:
-            raise CheckpointError(f"key {name!r} appears twice (again in {file})")
-        target = dtype if dtype is not None and tensor.is_floating_point() else expected[name].dtype
-        if not tensor.is_floating_point():
-            target = tensor.dtype
-        state[name] = tensor.to(target)
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in state and not k.startswith(allow_missing)]
     if strict and missing:
-        raise CheckpointError(f"missing keys in {path}: {missing[:10]}"
+        raise CheckpointError(f"missing keys in {source}: {missing[:10]}"
                               + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
-    module.load_state_dict(state, strict=strict, assign=True)
+    module.load_state_dict(state, strict=False, assign=True)
     return list(state)
+
+
+def load_state(module: nn.Module, path: str | Path, key_map: dict[str, str], *,
+               ignore: tuple[str, ...] = (), dtype: torch.dtype | None = None,
+               strict: bool = True) -> list[str]:
+    """`read_state` + `assign`: stream the tensors of `path` into `module` (usually built on `meta`).
+
+    With strict=False, missing keys are allowed (several sources fill one model) but unknown keys and
+    wrong shapes are still errors. Returns the names that were loaded.
+    """
+    expected = module.state_dict(keep_vars=True)
+    state = read_state(path, key_map, ignore=ignore, dtype=dtype)
+    if dtype is None:  # floats take the module's dtype
+        for name, t in state.items():
+            if name in expected and t.is_floating_point():
+                state[name] = t.to(expected[name].dtype)
+    return assign(module, state, strict=strict, source=path)
 
 
 def materialized(module: nn.Module) -> None:

@@ -67,51 +67,6 @@ class ClipConfig:
             raise ValueError(f"unknown CLIP preset {name!r}; known: {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
-    @classmethod
-    def from_hf(cls, cfg: dict, **overrides) -> "ClipConfig":
-        """From a CLIPVisionConfig dict, a full CLIPModel config.json, or a llava-hf config.json.
-
-        For a llava-hf config, `vision_feature_layer` / `vision_feature_select_strategy` become
-        select_layer / select_feature. Keys missing from a saved config take CLIPVisionConfig's
-        defaults (hub configs store only what differs from them).
-        """
-        top = cfg
-        if "vision_config" in cfg:
-            cfg = cfg["vision_config"]
-            if not isinstance(cfg, dict):
-                raise ValueError(f"config's vision_config must be a dict, got {type(cfg).__name__}")
-        model_type = cfg.get("model_type", "clip_vision_model")
-        if model_type != "clip_vision_model":
-            raise ValueError(f"vision config has model_type {model_type!r}, expected 'clip_vision_model'")
-        kw = {k: cfg.get(k, default) for k, default in HF_DEFAULTS.items()}
-        for k in ("image_size", "patch_size"):  # transformers 5.x allows [h, w]
-            if isinstance(kw[k], (list, tuple)):
-                if len(set(kw[k])) != 1:
-                    raise ValueError(f"non-square {k} {kw[k]} is not supported")
-                kw[k] = kw[k][0]
-        if "vision_feature_layer" in top:
-            if not isinstance(top["vision_feature_layer"], int):
-                raise ValueError(f"vision_feature_layer {top['vision_feature_layer']!r}: "
-                                 "only a single layer is supported")
-            kw["select_layer"] = top["vision_feature_layer"]
-        strategy = top.get("vision_feature_select_strategy")
-        if strategy is not None:
-            if strategy not in LLAVA_STRATEGY:
-                raise ValueError(f"vision_feature_select_strategy {strategy!r} "
-                                 f"not in {sorted(LLAVA_STRATEGY)}")
-            kw["select_feature"] = LLAVA_STRATEGY[strategy]
-        return cls(**{**kw, **overrides})
-
-    def to_hf(self) -> dict:
-        """A CLIPVisionConfig-compatible dict (select_* are LLaVA settings, not CLIP's)."""
-        return {"model_type": "clip_vision_model", **{k: getattr(self, k) for k in HF_DEFAULTS}}
-
-
-# Architecture fields with transformers' CLIPVisionConfig defaults (clip-vit-base-patch32).
-HF_DEFAULTS = dict(image_size=224, patch_size=32, hidden_size=768, num_hidden_layers=12,
-                   num_attention_heads=12, intermediate_size=3072, hidden_act="quick_gelu",
-                   layer_norm_eps=1e-5, num_channels=3)
-LLAVA_STRATEGY = {"default": "patch", "full": "cls_patch"}
 
 PRESETS = {
     # openai/clip-vit-large-patch14-336 config.json, "vision_config" (Doctor Sun's / LLaVA-1.5's tower)
@@ -218,17 +173,10 @@ class VisionTransformer(nn.Module):
     def init_weights(self) -> None:
         """Only for random models (tests, the demo); real weights always come from a checkpoint.
 
-        The class token follows CLIP's init; Linear/Conv/LayerNorm keep PyTorch's defaults. The
-        position embeddings do not follow CLIP's N(0, 0.02), which assumes the table is learned: the
-        demo's ViT is never pretrained (it only gets LoRA, which leaves the table alone), and at 0.02
-        position is ~3% of a patch's content, so `pre_layrnorm`, which removes scale, maps every
-        uniform patch of one sign to about the same vector: a black lesion inside the body looked
-        like the air outside it. So the table is drawn at unit scale, N(0, 1) per entry: its rows are
-        nearly orthogonal, and each patch keeps a code of its own as large as its content.
-        (A 2-D sin-cos table as in MAE did worse here: on a 4x4 grid most of its channels are low
-        frequencies that barely change over four positions, so neighbouring patches differ in a
-        few channels only. Over demo chains of 3 and 6 seeds, lesion presence was answered right
-        99% vs 84% of the time, the open location 72% vs 60%.)
+        The class token follows CLIP's init; Linear/Conv/LayerNorm keep PyTorch's defaults. The position
+        table is drawn N(0, 1), not CLIP's N(0, 0.02): that scale assumes the table is learned, and a ViT
+        that is never pretrained (the demo's) needs positions as large as a patch's content, or
+        `pre_layrnorm`, which removes scale, maps every uniform patch of one sign to the same vector.
         """
         nn.init.normal_(self.embeddings.class_embedding, std=self.config.hidden_size ** -0.5)
         with torch.no_grad():
@@ -260,17 +208,48 @@ class VisionTransformer(nn.Module):
         return hs
 
 
-# Hugging Face CLIP -> ours. Hub CLIPModel folders (openai/clip-vit-*) and older CLIPVisionModel
-# saves prefix the tower with "vision_model."; transformers 5.x CLIPVisionModel saves it bare.
+# ---- loading Hugging Face CLIP folders --------------------------------------------------------------
+# Hub CLIPModel folders (openai/clip-vit-*) and older CLIPVisionModel saves prefix the tower with
+# "vision_model."; transformers 5.x CLIPVisionModel saves it bare.
 HF_KEY_MAP = {"vision_model.": "", "": ""}
 HF_IGNORE = ("text_model.", "visual_projection.", "text_projection.", "logit_scale",
              "vision_model.embeddings.position_ids", "embeddings.position_ids")  # persistent in old saves
+# Architecture fields with transformers' CLIPVisionConfig defaults (clip-vit-base-patch32).
+HF_DEFAULTS = dict(image_size=224, patch_size=32, hidden_size=768, num_hidden_layers=12,
+                   num_attention_heads=12, intermediate_size=3072, hidden_act="quick_gelu",
+                   layer_norm_eps=1e-5, num_channels=3)
+
+
+
+def config_from_hf(cfg: dict, **overrides) -> ClipConfig:
+    """From a CLIPVisionConfig dict or a full CLIPModel config.json (its "vision_config").
+
+    Keys a saved config omits take CLIPVisionConfig's defaults (hub configs store only what differs);
+    `overrides` (select_layer, ...) are LLaVA's choices, not CLIP's.
+    """
+    cfg = cfg.get("vision_config", cfg)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config's vision_config must be a dict, got {type(cfg).__name__}")
+    if cfg.get("model_type", "clip_vision_model") != "clip_vision_model":
+        raise ValueError(f"vision config has model_type {cfg['model_type']!r}, expected 'clip_vision_model'")
+    kw = {k: cfg.get(k, default) for k, default in HF_DEFAULTS.items()}
+    for k in ("image_size", "patch_size"):  # transformers 5.x allows [h, w]
+        if isinstance(kw[k], (list, tuple)):
+            if len(set(kw[k])) != 1:
+                raise ValueError(f"non-square {k} {kw[k]} is not supported")
+            kw[k] = kw[k][0]
+    return ClipConfig(**{**kw, **overrides})
+
+
+def config_to_hf(c: ClipConfig) -> dict:
+    """A CLIPVisionConfig-compatible dict (select_* are LLaVA settings, not CLIP's)."""
+    return {"model_type": "clip_vision_model", **{k: getattr(c, k) for k in HF_DEFAULTS}}
 
 
 def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device=None,
                     **overrides) -> VisionTransformer:
     """Load a HF CLIPVisionModel or full CLIPModel folder; overrides (select_layer, ...) go to ClipConfig."""
-    config = ClipConfig.from_hf(checkpoint.load_hf_config(path), **overrides)
+    config = config_from_hf(checkpoint.load_hf_config(path), **overrides)
     with torch.device("meta"):
         model = VisionTransformer(config)
     checkpoint.load_state(model, path, HF_KEY_MAP, ignore=HF_IGNORE, dtype=dtype)

@@ -17,8 +17,9 @@ CHECKPOINT is any folder `model.from_pretrained` reads (LoRA adapters are merged
 - xtuner: what xtuner's `pth_to_hf` writes for a LLaVA model (`llm/` or `llm_adapter/`,
   `projector/`, `visual_encoder_adapter/`) plus the base CLIP; peft LoRA adapters are merged.
 
-model.py owns *reading* the LLaVA layouts (its key tables LLAVA_HF_KEYS / LLAVA_KEYS); writing uses
-the inverse of those same tables, checked name by name, so the two directions cannot drift apart.
+The key tables and config translations live in formats.py, which reads and writes each layout
+through the same table; this file adds what a consumer needs besides weights (tokenizer, chat
+template, processor and generation configs) and writes atomically.
 Every output is written into a temporary folder next to OUT and renamed at the end: an error
 leaves nothing behind. transformers is not needed here (only the tests load the outputs with it).
 """
@@ -38,19 +39,17 @@ import torch
 import checkpoint
 import clip
 import data
-import llama
-import lora
+import formats
 import model
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
-STRATEGY = {"patch": "default", "cls_patch": "full"}  # ClipConfig.select_feature -> transformers' name
 
 # Llama-3's chat template, extended for the processor's message format: a message's content is a
 # string, or a list of {"type": "image"} / {"type": "text", "text": ...} items. Images go first as
-# "<image>\n", then the text, trimmed: the layout Doctor Sun trains on (reference §3).
+# "<image>\n", then the text, trimmed: the layout Doctor Sun trains on (data.py moves <image> first).
 CHAT_TEMPLATE = (
     "{{- bos_token }}{%- for message in messages %}"
     "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
@@ -59,47 +58,6 @@ CHAT_TEMPLATE = (
     "{{- message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\n') | trim }}"
     "{%- endif %}{{- '<|eot_id|>' }}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}")
-
-
-# ---- key names: the inverse of model.py's reading tables -------------------------------------------
-
-def invert(table: dict[str, str], skip: tuple[str, ...] = ()) -> dict[str, str]:
-    """{foreign prefix: ours} -> {ours: foreign prefix}, ignoring foreign prefixes in `skip`.
-
-    Where the reader accepts several names for one of ours, the longest wins: the full hub path
-    `vision_tower.vision_model.` rather than the shortened `vision_tower.` that transformers 5.24 writes.
-    """
-    out = {}
-    for foreign, ours in sorted(table.items(), key=lambda kv: len(kv[0])):
-        if not foreign.startswith(skip):
-            out[ours] = foreign
-    return out
-
-
-# In LLAVA_HF_KEYS, names starting with "model." are transformers 5.x in-memory names, unknown to older
-# readers. Without them we write the layout of the llava-hf checkpoints on the hub
-# (`language_model.model.*`, `language_model.lm_head.*`, `vision_tower.vision_model.*`,
-# `multi_modal_projector.linear_{1,2}.*`), which every transformers version (5.24 renames on load) reads.
-LLAVA_HF_SKIP = ("model.",)
-
-
-def export_state(m: model.DoctorSun, reader: dict[str, str], dtype: torch.dtype,
-                 skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """Our state dict under the foreign names of `reader` (a model.py table), cast to `dtype`.
-
-    A tied LM head is written once, as the embedding. Each name must map back through the reader's
-    table to where it came from, or what we write would not be what model.py reads.
-    """
-    writer = invert(reader, skip)
-    out = {}
-    for name, t in m.state_dict().items():
-        if name == "llm.lm_head.weight" and m.config.llm.tie_word_embeddings:
-            continue
-        key = checkpoint.rename(name, writer)
-        if key is None or checkpoint.rename(key, reader) != name:
-            raise ValueError(f"{name!r} has no foreign name that reads back (got {key!r})")
-        out[key] = t.to(dtype) if t.is_floating_point() else t
-    return out
 
 
 # ---- shared pieces ----------------------------------------------------------------------------------
@@ -203,20 +161,15 @@ def to_llava_hf(m: model.DoctorSun, tok_dir: Path, out: Path, *, dtype: torch.dt
     rows = math.ceil(rows / pad_vocab_to) * pad_vocab_to
     llm, vis = replace(m.config.llm, vocab_size=rows), m.config.vision
 
-    state = export_state(m, model.LLAVA_HF_KEYS, dtype, LLAVA_HF_SKIP)
-    names = invert(model.LLAVA_HF_KEYS, LLAVA_HF_SKIP)
+    state = formats.export_state(m.state_dict(), formats.LLAVA_HF_KEYS, dtype, skip=formats.LLAVA_HF_WRITE_SKIP,
+                                 tied=llm.tie_word_embeddings)
+    names = formats.invert(formats.LLAVA_HF_KEYS, formats.LLAVA_HF_WRITE_SKIP)
     for key in (names["llm."] + "embed_tokens.weight", names["llm.lm_head."] + "weight"):
         if key in state:  # (no LM head when tied)
             state[key] = resize_rows(state[key], rows)
     checkpoint.save_state(state, out, max_shard_bytes=max_shard_bytes)
-    write_json(out / "config.json", {
-        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-        "dtype": str(dtype).removeprefix("torch."),
-        "text_config": {**llm.to_hf(), "pad_token_id": pad_id}, "vision_config": vis.to_hf(),
-        "image_token_index": image_id, "image_token_id": image_id, "image_seq_length": m.num_image_tokens,
-        "vision_feature_layer": vis.select_layer, "vision_feature_select_strategy": STRATEGY[vis.select_feature],
-        "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
-        "tie_word_embeddings": llm.tie_word_embeddings})
+    write_json(out / "config.json", formats.llava_hf_config_json(
+        vis, llm, image_token_id=image_id, pad_token_id=pad_id, num_image_tokens=m.num_image_tokens, dtype=dtype))
     write_json(out / "generation_config.json", {"bos_token_id": llm.bos_token_id, "pad_token_id": pad_id,
                                                 "eos_token_id": stop_ids(tok_dir, m), "do_sample": False})
 
@@ -241,7 +194,8 @@ def to_llava_hf(m: model.DoctorSun, tok_dir: Path, out: Path, *, dtype: torch.dt
     write_json(out / "preprocessor_config.json", image_processor_config(vis, pad_to_square))
     write_json(out / "processor_config.json", {
         "processor_class": "LlavaProcessor", "image_token": IMAGE_TOKEN, "patch_size": vis.patch_size,
-        "vision_feature_select_strategy": STRATEGY[vis.select_feature], "num_additional_image_tokens": 1})
+        "vision_feature_select_strategy": {v: k for k, v in formats.STRATEGY.items()}[vis.select_feature],
+        "num_additional_image_tokens": 1})
     return {"image_token_index": image_id, "pad_token_id": pad_id,
             "vocab_rows": (m.config.llm.vocab_size, rows), "num_image_tokens": m.num_image_tokens}
 
@@ -259,124 +213,28 @@ def vision_tower_name(c: clip.ClipConfig) -> str | None:
 
 def to_llava(m: model.DoctorSun, tok_dir: Path, out: Path, final_out: Path, *, dtype: torch.dtype,
              max_shard_bytes: int | None, pad_to_square: bool = True, vision_tower: str | None = None) -> dict:
-    """Reference §4. `mm_vision_tower` names the CLIP the tower came from (LLaVA reads its config and
+    """`mm_vision_tower` names the CLIP the tower came from (LLaVA reads its config and
     image processor there). For a tower that is no public CLIP, its config goes into OUT/vision_tower
     and the absolute path is recorded, as LLaVA users do with local towers."""
     vis, llm = m.config.vision, m.config.llm
-    checkpoint.save_state(export_state(m, model.LLAVA_KEYS, dtype), out, max_shard_bytes=max_shard_bytes)
+    state = formats.export_state(m.state_dict(), formats.LLAVA_KEYS, dtype, tied=llm.tie_word_embeddings)
+    checkpoint.save_state(state, out, max_shard_bytes=max_shard_bytes)
     processor = {**image_processor_config(vis, False), "image_processor_type": "CLIPImageProcessor",
                  "processor_class": "CLIPProcessor"}
     del processor["do_pad"]  # LLaVA pads in its own code, by image_aspect_ratio
     tower = vision_tower or vision_tower_name(vis)
     if tower is None:
         (out / "vision_tower").mkdir()
-        write_json(out / "vision_tower" / "config.json", vis.to_hf())
+        write_json(out / "vision_tower" / "config.json", clip.config_to_hf(vis))
         write_json(out / "vision_tower" / "preprocessor_config.json", processor)
         tower = str(final_out.resolve() / "vision_tower")
-    write_json(out / "config.json", {
-        **llm.to_hf(), "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
-        "torch_dtype": str(dtype).removeprefix("torch."),
-        "image_aspect_ratio": "pad" if pad_to_square else "square", "mm_hidden_size": vis.hidden_size,
-        "mm_projector_type": m.config.projector_type, "mm_use_im_patch_token": False,
-        "mm_use_im_start_end": False, "mm_vision_select_feature": vis.select_feature,
-        "mm_vision_select_layer": vis.select_layer, "mm_vision_tower": tower, "use_mm_proj": True,
-        "use_cache": True})
+    write_json(out / "config.json", formats.llava_config_json(
+        vis, llm, projector_type=m.config.projector_type, tower=tower, pad_to_square=pad_to_square, dtype=dtype))
     write_json(out / "generation_config.json", {"bos_token_id": llm.bos_token_id,
                                                 "eos_token_id": stop_ids(tok_dir, m), "do_sample": False})
     copy_tokenizer(tok_dir, out)  # unchanged: the placeholder is -200, outside the vocabulary
     write_json(out / "preprocessor_config.json", processor)
     return {"mm_vision_tower": tower}
-
-
-# ---- xtuner -> ours ----------------------------------------------------------------------------------
-
-def merge_peft_adapter(module: torch.nn.Module, folder: Path, key_map: dict[str, str]) -> list[str]:
-    """Merge a peft LoRA adapter folder into `module`; `key_map` renames HF module names to ours.
-
-    peft saves `base_model.model.<HF module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r);
-    lora.py loads the pairs and merges W += (lora_alpha / r) * B @ A in fp32.
-    """
-    cfg_path = folder / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"no adapter_config.json in {folder}")
-    acfg = json.loads(cfg_path.read_text())
-    unsupported = {k: acfg[k] for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern",
-                                        "modules_to_save") if acfg.get(k)}
-    if acfg.get("bias", "none") != "none":
-        unsupported["bias"] = acfg["bias"]
-    if acfg.get("peft_type", "LORA") != "LORA" or unsupported:
-        raise ValueError(f"{cfg_path}: only plain LoRA adapters are supported (peft_type "
-                         f"{acfg.get('peft_type')!r}, unsupported settings {unsupported})")
-    files = [folder / f for f in ("adapter_model.safetensors", "adapter_model.bin") if (folder / f).is_file()]
-    if not files:
-        raise FileNotFoundError(f"no adapter_model.safetensors or adapter_model.bin in {folder}")
-    linears = {n for n, mod in module.named_modules() if type(mod) is torch.nn.Linear}
-    state = {}
-    for key, t, file in checkpoint.iter_tensors(files[0]):
-        hit = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
-        name = checkpoint.rename(hit.group(1), key_map) if hit else None
-        if name not in linears:
-            raise checkpoint.CheckpointError(f"unexpected key {key!r} in {file}: not a LoRA weight of a "
-                                             f"linear layer of the {type(module).__name__}")
-        state[f"{name}.lora_{hit.group(2)}"] = t
-    names = sorted({k.rsplit(".", 1)[0] for k in state})
-    if not names:
-        raise checkpoint.CheckpointError(f"{files[0]} holds no LoRA weights")
-    # fp32 adapters: the merge adds B @ A of the saved values, not of bf16-rounded copies.
-    lora.inject(module, lora.LoRAConfig(r=int(acfg["r"]), alpha=float(acfg["lora_alpha"]), dropout=0.0,
-                                        targets=tuple(names)), dtype=torch.float32)
-    try:
-        lora.load_lora_state_dict(module, state)
-    except (KeyError, ValueError) as e:  # a missing A or B, or a wrong shape
-        raise checkpoint.CheckpointError(f"{files[0]}: {e}") from None
-    lora.merge_and_unload(module)
-    return names
-
-
-def load_xtuner(src: Path, vision: str | None, llm_dir: str | None, dtype: torch.dtype) -> model.DoctorSun:
-    """xtuner's pth_to_hf output for LLaVA + the base CLIP (+ the base LLM for `llm_adapter/`).
-
-    xtuner's LLaVAModel uses hidden_states[-2] of the ViT without the class token: our defaults.
-    """
-    if (src / "visual_encoder").is_dir():  # a fully trained ViT (freeze_visual_encoder=False)
-        vdir = src / "visual_encoder"
-    elif vision:
-        vdir = Path(vision)
-    else:
-        raise ValueError(f"{src} has no visual_encoder/ folder: the vision tower is missing; pass "
-                         f"--vision CLIP_DIR (the CLIP that training started from)")
-    vit = clip.from_pretrained(vdir, dtype=dtype)
-    if (src / "visual_encoder_adapter").is_dir():
-        merge_peft_adapter(vit, src / "visual_encoder_adapter", clip.HF_KEY_MAP)
-
-    adapter = src / "llm_adapter"
-    if (src / "llm").is_dir():  # the LLM trained fully
-        lm = llama.from_pretrained(src / "llm", dtype=dtype)
-    elif adapter.is_dir() or llm_dir:  # LoRA on the LLM, or a frozen LLM (pretrain stage)
-        base = llm_dir
-        if base is None:  # peft records where the base came from; usable if it is a local folder
-            base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            if not (base and Path(base).is_dir()):
-                raise ValueError(f"{adapter} is a LoRA adapter and its base {base!r} is not a local "
-                                 f"folder: pass --llm BASE_LLM_DIR")
-        lm = llama.from_pretrained(base, dtype=dtype)
-        if adapter.is_dir():
-            merge_peft_adapter(lm, adapter, llama.HF_KEY_MAP)
-    else:
-        raise ValueError(f"{src} has neither llm/ nor llm_adapter/: pass --llm BASE_LLM_DIR (the frozen LLM)")
-
-    pdir = src / "projector"
-    pcfg = checkpoint.load_hf_config(pdir)  # xtuner's ProjectorConfig
-    if pcfg.get("hidden_act", "gelu") != "gelu" or not pcfg.get("bias", True):
-        raise ValueError(f"{pdir}/config.json: only a GELU projector with biases is supported, got "
-                         f"hidden_act={pcfg.get('hidden_act')!r}, bias={pcfg.get('bias')!r}")
-    cfg = model.ModelConfig(vision=vit.config, llm=lm.config, projector_type=f"mlp{pcfg.get('depth', 2)}x_gelu")
-    with torch.device("meta"):
-        m = model.DoctorSun(cfg)
-    checkpoint.load_state(m.projector, pdir, {"model.": ""}, dtype=dtype)  # model.0.* / model.2.*
-    m.vision, m.llm = vit, lm
-    checkpoint.materialized(m)
-    return m.eval()
 
 
 # ---- driver -----------------------------------------------------------------------------------------
@@ -416,7 +274,8 @@ def _convert_into(args: argparse.Namespace, tmp: Path, out: Path) -> dict:
 
     dtype = DTYPES[args.dtype or "bfloat16"]
     if args.src_format == "xtuner":
-        m = load_xtuner(src, args.vision, args.llm, dtype)
+        fields, state = formats.read_xtuner(src, args.vision, args.llm, dtype)
+        m = model.from_state(model.ModelConfig(**fields), state, source=src)
         tok_src = next((d for d in (src / "llm", args.llm and Path(args.llm), src)
                         if d and any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))), None)
     else:

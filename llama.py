@@ -67,58 +67,6 @@ class LlamaConfig:
             raise KeyError(f"unknown Llama preset {name!r}; choose one of {sorted(presets)}")
         return cls(**{**presets[name], **overrides})
 
-    @classmethod
-    def from_hf(cls, cfg: dict) -> LlamaConfig:
-        """Read an HF config.json dict: a LlamaForCausalLM config or a llava-hf one (its `text_config`).
-
-        RoPE settings come in two styles: hub files have top-level `rope_theta` and `rope_scaling`;
-        transformers 5 writes `rope_parameters` = {rope_theta, rope_type, factor, ...}. Keys a file
-        omits take transformers' LlamaConfig defaults, as transformers itself would (older llava-hf
-        text_configs store only the non-default fields).
-        """
-        cfg = cfg.get("text_config", cfg)
-        if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise ValueError("only the standard Llama (silu MLP, no attention/MLP biases) is supported; got "
-                             f"hidden_act={cfg.get('hidden_act')}, attention_bias={cfg.get('attention_bias')}, "
-                             f"mlp_bias={cfg.get('mlp_bias')}")
-        get = lambda k: cfg.get(k, _HF_DEFAULTS[k])  # noqa: E731
-        rope = cfg.get("rope_parameters")
-        if rope:
-            rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-            rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-        else:
-            rope_theta, rope_scaling = cfg.get("rope_theta", 10000.0), cfg.get("rope_scaling")
-        heads = get("num_attention_heads")
-        return cls(
-            vocab_size=get("vocab_size"), hidden_size=get("hidden_size"), num_hidden_layers=get("num_hidden_layers"),
-            num_attention_heads=heads, num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-            intermediate_size=get("intermediate_size"), rms_norm_eps=get("rms_norm_eps"),
-            rope_theta=float(rope_theta), rope_scaling=rope_scaling,
-            max_position_embeddings=get("max_position_embeddings"), tie_word_embeddings=get("tie_word_embeddings"),
-            bos_token_id=get("bos_token_id"), eos_token_id=get("eos_token_id"), head_dim=cfg.get("head_dim"),
-        )
-
-    def to_hf(self) -> dict:
-        """A config.json dict for transformers' LlamaForCausalLM, in hub style (what Meta's repos hold)."""
-        return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim, "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
-            "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
-            "initializer_range": 0.02, "use_cache": True,
-        }
-
-
-# transformers' LlamaConfig defaults (configuration_llama.py, 5.24), for keys a config.json omits.
-_HF_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                    num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
-                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 
 _LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=8, intermediate_size=14336, rms_norm_eps=1e-5, rope_theta=500000.0,
@@ -303,12 +251,9 @@ class Llama(nn.Module):
     def init_weights(self, std: float | None = None):
         """Only for models trained from scratch (the tiny demo); every real model loads its weights.
 
-        Normal(0, std) for every Linear and Embedding, std = hidden_size ** -0.5 by default. HF's
-        `initializer_range` = 0.02 is about that for the 2-4k-wide models it was chosen for; at the
-        demo's width 256 it is 3x too small: word embeddings of norm 0.3 beside image features of
-        norm 3, and near-uniform attention that takes hundreds of steps to learn to pick one image
-        patch. On the demo chain, with train.py's pretrain lr 1e-3, it lowers the text loss from 0.66 to
-        0.46 and the caption loss from 0.76 to 0.44. (PyTorch's own defaults give embeddings N(0, 1).)
+        Normal(0, std) for every Linear and Embedding, std = hidden_size ** -0.5 by default: HF's
+        `initializer_range` = 0.02 is about that for the 2-4k-wide models it was chosen for, but 3x too
+        small at the demo's width 256 (word embeddings far smaller than the image features beside them).
         """
         std = self.config.hidden_size ** -0.5 if std is None else std
         for m in self.modules():
@@ -365,6 +310,53 @@ class Llama(nn.Module):
         return self.lm_head(h)
 
 
+# ---- loading Hugging Face Llama folders -------------------------------------------------------------
+# transformers' LlamaConfig defaults (configuration_llama.py, 5.24), for keys a config.json omits.
+_HF_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                    num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+
+def config_from_hf(cfg: dict) -> LlamaConfig:
+    """Read a LlamaForCausalLM config.json dict.
+
+    RoPE settings come in two styles: hub files have top-level `rope_theta` and `rope_scaling`;
+    transformers 5 writes `rope_parameters` = {rope_theta, rope_type, factor, ...}. Keys a file
+    omits take transformers' LlamaConfig defaults, as transformers itself would.
+    """
+    if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise ValueError("only the standard Llama (silu MLP, no attention/MLP biases) is supported; got "
+                         f"hidden_act={cfg.get('hidden_act')}, attention_bias={cfg.get('attention_bias')}, "
+                         f"mlp_bias={cfg.get('mlp_bias')}")
+    kw = {k: cfg.get(k, default) for k, default in _HF_DEFAULTS.items()}
+    rope = cfg.get("rope_parameters")
+    if rope:
+        rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    else:
+        rope_theta, rope_scaling = cfg.get("rope_theta", 10000.0), cfg.get("rope_scaling")
+    return LlamaConfig(**kw, num_key_value_heads=cfg.get("num_key_value_heads") or kw["num_attention_heads"],
+                       rope_theta=float(rope_theta), rope_scaling=rope_scaling, head_dim=cfg.get("head_dim"))
+
+
+def config_to_hf(c: LlamaConfig) -> dict:
+    """A config.json dict for transformers' LlamaForCausalLM, in hub style (what Meta's repos hold)."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim, "hidden_act": "silu", "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,  # a copy: transformers edits the rope dict it is given in place
+        "rope_scaling": dict(c.rope_scaling) if c.rope_scaling else None,
+        "max_position_embeddings": c.max_position_embeddings, "tie_word_embeddings": c.tie_word_embeddings,
+        "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
+        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
+        "initializer_range": 0.02, "use_cache": True,
+    }
+
+
 # HF LlamaForCausalLM checkpoint -> our names (prefix map for checkpoint.load_state).
 HF_KEY_MAP = {"model.": "", "lm_head.": "lm_head."}
 
@@ -381,7 +373,7 @@ def from_pretrained(path, dtype=torch.float32, device=None) -> Llama:
     Built on meta and filled by assignment from memory-mapped tensors, so peak memory is about one copy
     of the weights, not two.
     """
-    config = LlamaConfig.from_hf(load_hf_config(path))
+    config = config_from_hf(load_hf_config(path))
     with torch.device("meta"):
         model = Llama(config)
     ignore = hf_ignore(config)

@@ -17,7 +17,7 @@ passed to `inject` (the names of `module.named_modules()`). "*self_attn.q_proj" 
 matches one module only. Every pattern must match at least one module, and everything it matches
 must be a plain nn.Linear; both are errors otherwise, because a typo would silently train nothing.
 
-Doctor Sun's targets (xtuner configs; reference doctor-sun.md §2), r=64, alpha=16, dropout 0.05:
+Doctor Sun's targets (its xtuner LLaVA-Llama-3 configs), r=64, alpha=16, dropout 0.05:
   - finetune: LoRA on "all linear layers" of the CLIP ViT = q_proj, k_proj, v_proj, out_proj,
     fc1, fc2 of every encoder layer (VIT_TARGETS; pass the vision tower to `inject`). The
     projector and the whole LLM train fully, so they get no adapters.
@@ -93,17 +93,13 @@ class LoRALinear(nn.Linear):
         lora = F.linear(F.linear(h, self.lora_A), self.lora_B)  # (..., r) -> (..., out)
         return out + (lora * self.scaling).to(out.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        """scaling * B @ A in fp32, (out, in): bf16 matmuls on CPU are slow and round twice."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
-
     @torch.no_grad()
     def merge(self) -> None:
         """W <- W + scaling * B A, in place on the same Parameter (optimisers keep their reference)."""
         if self.merged:
             return
         self._weight_before_merge = self.weight.detach().clone()
-        self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+        self.weight.copy_(merged_weight(self.weight, self.lora_A, self.lora_B, self.scaling))
         self.merged = True
 
     @torch.no_grad()
@@ -117,6 +113,11 @@ class LoRALinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, dropout={self.dropout}, merged={self.merged}"
+
+
+def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + scaling * B @ A, summed in fp32 and cast back once (bf16 matmuls on CPU are slow and round twice)."""
+    return (weight.float() + (lora_B.float() @ lora_A.float()) * scaling).to(weight.dtype)
 
 
 def inject(module: nn.Module, config: LoRAConfig, *, dtype: torch.dtype | None = None) -> list[str]:

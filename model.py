@@ -4,19 +4,16 @@
     input_ids (B, T) with N placeholder ids per image --embed_tokens--> (B, T, D_llm)
     masked_scatter the image rows into the placeholder positions --llm--> logits (B, T, V)
 
-Placeholders: the data pipeline (and `transformers`' processor) expand each image into N
-placeholder ids before the model sees them; the original LLaVA / xtuner path keeps a single
-placeholder (-200) and expands inside the model. We accept both: a lone placeholder is expanded
-here, and the total count is checked against the number of image features.
+The data pipeline writes one placeholder id per image feature (N per image), so splicing is one
+`masked_scatter` after checking that the counts match.
 
-Loading (`from_pretrained`) understands three layouts: this project's own checkpoints (full or
-partial, with LoRA adapters), the `transformers` LLaVA layout (old and new key names) and the
-original LLaVA layout that Doctor Sun released. Writing foreign layouts is convert.py's job.
+`from_pretrained` reads this project's checkpoints (full or partial, with LoRA adapters) and, through
+formats.py, the transformers-LLaVA and original-LLaVA layouts; this file names no foreign key.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +24,7 @@ import torch.nn.functional as F
 import checkpoint
 import clip
 import llama
+import formats
 import lora
 import projector
 
@@ -235,128 +233,46 @@ def _pick(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tens
 
 # ---- loading ----------------------------------------------------------------------------------
 
-# transformers' LlavaForConditionalGeneration, every generation of its names: hub checkpoints
-# (llava-hf/*: `vision_tower.vision_model.*`), what 5.24 writes on disk (`language_model.model.*`,
-# `vision_tower.*` with no `vision_model` level) and 5.x in-memory names (`model.language_model.*`).
-LLAVA_HF_KEYS = {
-    "model.language_model.": "llm.",
-    "language_model.model.": "llm.",
-    "lm_head.": "llm.lm_head.",
-    "language_model.lm_head.": "llm.lm_head.",
-    "model.vision_tower.vision_model.": "vision.",
-    "vision_tower.vision_model.": "vision.",
-    "model.vision_tower.": "vision.",
-    "vision_tower.": "vision.",
-    "model.multi_modal_projector.linear_1.": "projector.0.",
-    "multi_modal_projector.linear_1.": "projector.0.",
-    "model.multi_modal_projector.linear_2.": "projector.2.",
-    "multi_modal_projector.linear_2.": "projector.2.",
-}
-# Original LLaVA (LlavaLlamaForCausalLM), the layout Doctor Sun released.
-LLAVA_KEYS = {
-    "model.": "llm.",
-    "lm_head.": "llm.lm_head.",
-    "model.vision_tower.vision_tower.vision_model.": "vision.",
-    "model.mm_projector.": "projector.",
-}
-# Buffers some writers save that are derived, never loaded (position ids of CLIP's embeddings).
-IGNORED = tuple(p + "embeddings.position_ids" for p in (
-    "model.vision_tower.vision_tower.vision_model.", "vision_tower.vision_model.",
-    "model.vision_tower.vision_model.", "vision_tower.", "model.vision_tower."))
-
-
-def _rotary(cfg: ModelConfig, prefix: str) -> tuple[str, ...]:
-    """RoPE buffers that transformers < 4.36 saved (LLaVA-1.5-era checkpoints): derived, skipped."""
-    return tuple(prefix + p for p in llama.hf_ignore(cfg.llm))
-
-
-def detect_format(path: str | Path) -> str:
-    cfg = checkpoint.load_hf_config(path)
-    if cfg.get("format") == FORMAT:
-        return "ours"
-    if cfg.get("model_type") == "llava":
-        return "llava-hf"
-    if "mm_vision_tower" in cfg or "mm_projector_type" in cfg:
-        return "llava"
-    raise ValueError(f"{path}: unknown checkpoint layout (config.json has model_type="
-                     f"{cfg.get('model_type')!r}; expected a doctor-sun checkpoint, a transformers "
-                     f"LLaVA folder or an original LLaVA folder)")
-
-
 def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device=None, *,
                     merge_lora: bool = True, vision: str | Path | None = None) -> DoctorSun:
     """Load our checkpoint, a transformers LLaVA folder or an original LLaVA folder.
 
-    `vision` gives the CLIP folder for an original-LLaVA checkpoint that does not carry its
-    vision tower (LLaVA-1.5 releases); Doctor Sun's release carries it merged in.
+    Foreign layouts are translated by formats.py into (config, state dict under our names);
+    `vision` gives the CLIP folder for an original-LLaVA checkpoint that does not carry its tower.
     """
-    kind = detect_format(path)
-    if kind == "ours":
+    if detect_format(path) == "ours":
         m = _load_ours(Path(path), dtype, merge_lora)
-    elif kind == "llava-hf":
-        m = _load_llava_hf(Path(path), dtype)
     else:
-        m = _load_llava(Path(path), dtype, vision)
+        fields, state = formats.read(path, dtype, vision=vision)
+        m = from_state(ModelConfig(**fields), state, source=path)
     return m.to(device) if device is not None else m
 
 
-def _build_meta(cfg: ModelConfig) -> DoctorSun:
+def detect_format(path: str | Path) -> str:
+    """"ours", "llava-hf" or "llava"; an error naming the folder for anything else."""
+    cfg = checkpoint.load_hf_config(path)
+    kind = "ours" if cfg.get("format") == FORMAT else formats.detect(path)
+    if kind is None:
+        raise ValueError(f"{path}: unknown checkpoint layout (config.json has model_type="
+                         f"{cfg.get('model_type')!r}; expected a doctor-sun checkpoint, a transformers "
+                         f"LLaVA folder or an original LLaVA folder)")
+    return kind
+
+
+def from_state(cfg: ModelConfig, state: checkpoint.State, source: str | Path = "") -> DoctorSun:
+    """Build on meta and adopt a complete state dict (our names): every tensor must be there."""
     with torch.device("meta"):
-        return DoctorSun(cfg)
+        m = DoctorSun(cfg)
+    tied = ("llm.lm_head.",) if cfg.llm.tie_word_embeddings else ()
+    checkpoint.assign(m, state, source=source, allow_missing=tied)
+    return _finish(m)
 
 
 def _finish(m: DoctorSun) -> DoctorSun:
     if m.config.llm.tie_word_embeddings:
-        m.llm.lm_head.weight = m.llm.embed_tokens.weight
+        m.llm.tie_weights()  # assign=True replaced the embedding Parameter the head shared
     checkpoint.materialized(m)
     return m.eval()
-
-
-def _load_llava_hf(path: Path, dtype) -> DoctorSun:
-    hf = checkpoint.load_hf_config(path)
-    if hf.get("projector_hidden_act", "gelu") != "gelu":
-        raise ValueError(f"{path}: projector_hidden_act {hf['projector_hidden_act']!r} is not supported")
-    if not hf.get("multimodal_projector_bias", True):
-        raise ValueError(f"{path}: a projector without bias is not supported")
-    vcfg = clip.ClipConfig.from_hf(hf)  # reads vision_feature_layer / _select_strategy too
-    image_token = hf.get("image_token_index", hf.get("image_token_id"))
-    cfg = ModelConfig(vision=vcfg, llm=llama.LlamaConfig.from_hf(hf["text_config"]),
-                      projector_type="mlp2x_gelu", image_token_id=int(image_token))
-    m = _build_meta(cfg)
-    ignore = IGNORED + _rotary(cfg, "language_model.") + _rotary(cfg, "model.language_model.")
-    ignore += ("lm_head.", "language_model.lm_head.") if cfg.llm.tie_word_embeddings else ()
-    checkpoint.load_state(m, path, LLAVA_HF_KEYS, ignore=ignore, dtype=dtype,
-                          strict=not cfg.llm.tie_word_embeddings)
-    return _finish(m)
-
-
-def _load_llava(path: Path, dtype, vision_path) -> DoctorSun:
-    hf = checkpoint.load_hf_config(path)
-    tower = str(vision_path or hf.get("mm_vision_tower", ""))
-    if tower and not Path(tower).is_absolute() and (path / tower).is_dir():
-        tower = str(path / tower)  # a tower shipped inside the checkpoint folder
-    overrides = dict(select_layer=hf.get("mm_vision_select_layer", -2),
-                     select_feature=hf.get("mm_vision_select_feature", "patch"))
-    if tower and Path(tower, "config.json").is_file():
-        vcfg = clip.ClipConfig.from_hf(checkpoint.load_hf_config(tower), **overrides)
-    else:  # a hub name such as "openai/clip-vit-large-patch14-336": use the matching preset
-        name = tower.rstrip("/").split("/")[-1]
-        try:
-            vcfg = clip.ClipConfig.from_name(name, **overrides)
-        except (KeyError, ValueError):
-            raise ValueError(f"{path}: mm_vision_tower {tower!r} is neither a local CLIP folder nor "
-                             f"a known preset; pass vision=PATH") from None
-    cfg = ModelConfig(vision=vcfg, llm=llama.LlamaConfig.from_hf(hf),
-                      projector_type=hf.get("mm_projector_type", "linear"))
-    m = _build_meta(cfg)
-    ignore = IGNORED + _rotary(cfg, "") + ("lm_head.",) * cfg.llm.tie_word_embeddings
-    loaded = checkpoint.load_state(m, path, LLAVA_KEYS, ignore=ignore, dtype=dtype, strict=False)
-    if not any(k.startswith("vision.") for k in loaded):
-        if not (tower and Path(tower).is_dir()):
-            raise ValueError(f"{path} holds no vision tower weights and mm_vision_tower "
-                             f"{tower!r} is not a local folder; pass vision=PATH")
-        m.vision = clip.from_pretrained(tower, dtype=dtype, **overrides)
-    return _finish(m)
 
 
 # ---- our own format ---------------------------------------------------------------------------
@@ -395,19 +311,19 @@ def _load_ours(path: Path, dtype, merge_lora: bool) -> DoctorSun:
         m = _load_ours(_resolve(path, base["init"]), dtype, merge_lora=True)
         if m.config.to_dict() != cfg.to_dict():
             raise ValueError(f"{path}: model config differs from its parent {base['init']}")
-    else:
-        m = _build_meta(cfg)
+    else:  # the frozen parts from their HF folders, the rest from this folder
+        vision = llm = None
         if base.get("vision"):
-            m.vision = clip.from_pretrained(_resolve(path, base["vision"]), dtype=dtype,
-                                            select_layer=cfg.vision.select_layer,
-                                            select_feature=cfg.vision.select_feature)
+            vision = clip.from_pretrained(_resolve(path, base["vision"]), dtype=dtype,
+                                          select_layer=cfg.vision.select_layer,
+                                          select_feature=cfg.vision.select_feature)
         if base.get("llm"):
-            m.llm = llama.from_pretrained(_resolve(path, base["llm"]), dtype=dtype)
+            llm = llama.from_pretrained(_resolve(path, base["llm"]), dtype=dtype)
+        with torch.device("meta"):
+            m = DoctorSun(cfg, vision=vision, llm=llm)
     for part, lcfg in (cfg_json.get("lora") or {}).items():
         if lcfg:
             lora.inject(getattr(m, part), lora.LoRAConfig(**{**lcfg, "targets": tuple(lcfg["targets"])}))
-    if m.config.llm.tie_word_embeddings and not m.llm.embed_tokens.weight.is_meta:
-        m.llm.lm_head.weight = m.llm.embed_tokens.weight
     ignore = ("llm.lm_head.",) if cfg.llm.tie_word_embeddings else ()
     loaded = set(checkpoint.load_state(m, path, {"": ""}, ignore=ignore, dtype=dtype, strict=False))
     adapters = [n for n in m.state_dict() if ".lora_" in n]

@@ -195,31 +195,29 @@ def test_loader_errors_name_the_key(tmp_path, edit, key, words):
 def test_from_hf_config_variants():
     tiny = {k: v for k, v in TINY_HF.items() if k != "attn_implementation"}
     vis = CLIPVisionConfig(hidden_act="gelu", **tiny).to_dict()
-    c = clip.ClipConfig.from_hf(vis)
+    c = clip.config_from_hf(vis)
     assert (c.image_size, c.patch_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
             c.intermediate_size, c.hidden_act) == (28, 7, 64, 3, 4, 128, "gelu")
     assert (c.num_patches, c.num_tokens, c.select_layer) == (16, 16, -2)
 
     full = CLIPConfig(vision_config=tiny, text_config=dict(hidden_size=32, num_attention_heads=4)).to_dict()
-    assert clip.ClipConfig.from_hf(full).hidden_size == 64
+    assert clip.config_from_hf(full).hidden_size == 64
 
     llava = LlavaConfig(vision_feature_select_strategy="full", vision_feature_layer=-3).to_dict()
-    c = clip.ClipConfig.from_hf(llava["vision_config"])  # llava-hf's default tower = ViT-L/14-336
+    c = clip.config_from_hf(llava["vision_config"])  # llava-hf's default tower = ViT-L/14-336
     assert c == clip.ClipConfig.from_name("clip-vit-large-patch14-336")
     assert c.num_patches == 576 and c.num_tokens == 576
-    c = clip.ClipConfig.from_hf(llava)  # the whole llava config also carries the feature choice
-    assert (c.select_layer, c.select_feature, c.num_tokens) == (-3, "cls_patch", 577)
-    assert clip.ClipConfig.from_hf(llava, select_layer=-2).select_layer == -2  # overrides win
+    assert clip.config_from_hf(llava["vision_config"], select_layer=-2).select_layer == -2  # overrides win
 
     # Hub configs store only non-default keys; missing ones take CLIPVisionConfig's defaults.
     sparse = {"model_type": "clip_vision_model", "hidden_size": 1024, "image_size": 336, "patch_size": 14,
               "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24}
-    assert clip.ClipConfig.from_hf(sparse) == clip.ClipConfig()
+    assert clip.config_from_hf(sparse) == clip.ClipConfig()
 
     # to_hf round-trips through transformers itself.
     c = clip.ClipConfig.from_name("tiny", hidden_act="gelu")
-    hf = CLIPVisionConfig(**c.to_hf())
-    assert clip.ClipConfig.from_hf(hf.to_dict()) == c
+    hf = CLIPVisionConfig(**clip.config_to_hf(c))
+    assert clip.config_from_hf(hf.to_dict()) == c
     assert hf.to_dict()["model_type"] == "clip_vision_model"
 
 
@@ -235,7 +233,7 @@ def test_presets_and_config_errors():
     with pytest.raises(ValueError, match="hidden_act 'relu'"):
         clip.ClipConfig.from_name("tiny", hidden_act="relu")
     with pytest.raises(ValueError, match="siglip_vision_model"):
-        clip.ClipConfig.from_hf({"vision_config": {"model_type": "siglip_vision_model"}})
+        clip.config_from_hf({"vision_config": {"model_type": "siglip_vision_model"}})
 
 
 def test_tiny_preset_trains_and_checkpointing_matches():

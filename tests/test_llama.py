@@ -113,7 +113,7 @@ def test_rope_inv_freq_matches_transformers():
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
     for name in ("Llama-3.1-8B-Instruct", "Llama-2-7b-chat-hf", "Llama-3-8B-Instruct"):
         cfg = LlamaConfig.from_name(name)
-        hf_cfg = transformers.LlamaConfig(**cfg.to_hf())
+        hf_cfg = transformers.LlamaConfig(**llama.config_to_hf(cfg))
         rope_type = hf_cfg.rope_parameters["rope_type"]
         if rope_type == "default":
             ref, _ = LlamaRotaryEmbedding.compute_default_rope_parameters(hf_cfg)
@@ -241,25 +241,23 @@ LLAMA31_HUB = {  # meta-llama/Llama-3.1-8B-Instruct/config.json (hub style)
 
 def test_from_hf_reads_both_config_styles(tmp_path):
     expected = LlamaConfig.from_name("Llama-3.1-8B-Instruct")
-    assert LlamaConfig.from_hf(LLAMA31_HUB) == expected
+    assert llama.config_from_hf(LLAMA31_HUB) == expected
     # transformers 5 rewrites it with rope_parameters = {rope_theta, rope_type, factor, ...}
     transformers.LlamaConfig(**LLAMA31_HUB).save_pretrained(tmp_path)
     v5 = json.loads((tmp_path / "config.json").read_text())
     assert "rope_parameters" in v5 and "rope_scaling" not in v5
-    assert LlamaConfig.from_hf(v5) == expected
-    # llava-hf nests the LLM under text_config
-    assert LlamaConfig.from_hf({"model_type": "llava", "text_config": v5}) == expected
+    assert llama.config_from_hf(v5) == expected
     # Llama-2 style: no scaling; rope_type "default" means none; old llava-hf text_configs omit defaults
     llama2 = LlamaConfig.from_name("Llama-2-7b-chat-hf")
-    assert LlamaConfig.from_hf({**llama2.to_hf(), "rope_scaling": {"rope_type": "default"}}) == llama2
-    v5_default = {**llama2.to_hf(), "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}}
+    assert llama.config_from_hf({**llama.config_to_hf(llama2), "rope_scaling": {"rope_type": "default"}}) == llama2
+    v5_default = {**llama.config_to_hf(llama2), "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}}
     del v5_default["rope_theta"], v5_default["rope_scaling"]
-    assert LlamaConfig.from_hf(v5_default) == llama2
-    sparse = LlamaConfig.from_hf({"text_config": {"model_type": "llama", "vocab_size": 32064,
-                                                  "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}})
+    assert llama.config_from_hf(v5_default) == llama2
+    sparse = llama.config_from_hf({"model_type": "llama", "vocab_size": 32064,
+                                   "max_position_embeddings": 4096, "rms_norm_eps": 1e-5})
     assert sparse == LlamaConfig.from_name("Llama-2-7b-chat-hf", vocab_size=32064)
     with pytest.raises(ValueError, match="yarn"):
-        LlamaConfig.from_hf({**LLAMA31_HUB, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+        llama.config_from_hf({**LLAMA31_HUB, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
 
 
 @pytest.mark.parametrize("name, n_params", [
@@ -268,8 +266,8 @@ def test_from_hf_reads_both_config_styles(tmp_path):
 ])
 def test_presets_and_to_hf(name, n_params):
     cfg = LlamaConfig.from_name(name)
-    assert LlamaConfig.from_hf(cfg.to_hf()) == cfg
-    hf_cfg = transformers.LlamaConfig(**cfg.to_hf())  # transformers accepts what the converter writes
+    assert llama.config_from_hf(llama.config_to_hf(cfg)) == cfg
+    hf_cfg = transformers.LlamaConfig(**llama.config_to_hf(cfg))  # transformers accepts what the converter writes
     assert (hf_cfg.num_key_value_heads, hf_cfg.head_dim, hf_cfg.rope_parameters["rope_theta"]) == \
            (cfg.num_key_value_heads, cfg.head_dim, cfg.rope_theta)
     with torch.device("meta"):

@@ -261,7 +261,7 @@ def test_own_format_round_trip_with_lora_and_bases(pair, tmp_path):
                "model." + k[len("model.language_model."):]): v
               for k, v in hf.state_dict().items() if k.startswith(("model.language_model.", "lm_head."))}
     checkpoint.save_state(llm_sd, llm_folder)
-    (llm_folder / "config.json").write_text(json.dumps(ours.config.llm.to_hf()))
+    (llm_folder / "config.json").write_text(json.dumps(llama.config_to_hf(ours.config.llm)))
 
     m = model.from_pretrained(path)
     cfg = lora.LoRAConfig(r=4, alpha=8, dropout=0.0, targets=lora.VIT_TARGETS)

@@ -1,0 +1,310 @@
+"""Other projects' checkpoint layouts: one home, one key table per layout, read and written through it.
+
+Each layout is a table {their prefix: our prefix} plus the translation of its config.json. Reading
+turns a foreign folder into (our model-config fields, a state dict under our names); writing runs
+the same table backwards (`invert`), and checks that every name it writes reads back to where it
+came from, so the two directions cannot drift apart. Nothing here builds a model: `model.py` asks
+`read` for the pair, `convert.py` writes with `export_state` and the `*_config` functions.
+
+    transformers LLaVA   LlavaForConditionalGeneration (+ processor): vLLM, SGLang and HF read it
+    original LLaVA       LlavaLlamaForCausalLM + `mm_*` config keys: how Doctor Sun was released
+    xtuner               `pth_to_hf` output: llm/ or llm_adapter/, projector/, visual_encoder_adapter/
+
+The CLIP and Llama parts alone are not foreign: `clip.py` and `llama.py` read their Hugging Face
+folders themselves, and the tables below reuse their key maps for the parts.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+import checkpoint
+import clip
+import llama
+import lora
+
+# ---- transformers' LlavaForConditionalGeneration ---------------------------------------------------
+# Every generation of its names: hub checkpoints (llava-hf/*: `vision_tower.vision_model.*`), what 5.24
+# writes on disk (`language_model.model.*`, `vision_tower.*` with no `vision_model` level) and 5.x
+# in-memory names (`model.language_model.*`).
+LLAVA_HF_KEYS = {
+    "model.language_model.": "llm.",
+    "language_model.model.": "llm.",
+    "lm_head.": "llm.lm_head.",
+    "language_model.lm_head.": "llm.lm_head.",
+    "model.vision_tower.vision_model.": "vision.",
+    "vision_tower.vision_model.": "vision.",
+    "model.vision_tower.": "vision.",
+    "vision_tower.": "vision.",
+    "model.multi_modal_projector.linear_1.": "projector.0.",
+    "multi_modal_projector.linear_1.": "projector.0.",
+    "model.multi_modal_projector.linear_2.": "projector.2.",
+    "multi_modal_projector.linear_2.": "projector.2.",
+}
+# Names starting with "model." are transformers 5.x in-memory names, unknown to older readers. Without
+# them we write the hub layout, which every transformers version reads (5.24 renames on load).
+LLAVA_HF_WRITE_SKIP = ("model.",)
+STRATEGY = {"default": "patch", "full": "cls_patch"}  # vision_feature_select_strategy -> select_feature
+
+# ---- original LLaVA (LlavaLlamaForCausalLM) ---------------------------------------------------------
+LLAVA_KEYS = {
+    "model.": "llm.",
+    "lm_head.": "llm.lm_head.",
+    "model.vision_tower.vision_tower.vision_model.": "vision.",
+    "model.mm_projector.": "projector.",
+}
+
+# Derived buffers some writers saved, never loaded: CLIP's position ids, and the RoPE buffers of
+# transformers < 4.36 (LLaVA-1.5-era checkpoints).
+_POSITION_IDS = tuple(p + "embeddings.position_ids" for p in (
+    "model.vision_tower.vision_tower.vision_model.", "vision_tower.vision_model.",
+    "model.vision_tower.vision_model.", "vision_tower.", "model.vision_tower."))
+
+
+def _rotary(cfg: llama.LlamaConfig, *prefixes: str) -> tuple[str, ...]:
+    return tuple(p + k for p in prefixes for k in llama.hf_ignore(cfg))
+
+
+def detect(folder: str | Path) -> str | None:
+    """"llava-hf", "llava", or None for a folder that is neither."""
+    cfg = checkpoint.load_hf_config(folder)
+    if cfg.get("model_type") == "llava":
+        return "llava-hf"
+    if "mm_vision_tower" in cfg or "mm_projector_type" in cfg:
+        return "llava"
+    return None
+
+
+def read(folder: str | Path, dtype: torch.dtype, *, vision: str | Path | None = None):
+    """A llava-hf or original-LLaVA folder -> (ModelConfig fields, our state dict)."""
+    kind = detect(folder)
+    if kind == "llava-hf":
+        return read_llava_hf(Path(folder), dtype)
+    if kind == "llava":
+        return read_llava(Path(folder), dtype, vision)
+    raise ValueError(f"{folder} is neither a transformers LLaVA nor an original LLaVA folder")
+
+
+# ---- reading -------------------------------------------------------------------------------------------
+
+def llava_hf_config(hf: dict, where: str | Path = "config.json") -> dict:
+    """A LlavaConfig dict -> ModelConfig fields."""
+    if hf.get("projector_hidden_act", "gelu") != "gelu":
+        raise ValueError(f"{where}: projector_hidden_act {hf['projector_hidden_act']!r} is not supported")
+    if not hf.get("multimodal_projector_bias", True):
+        raise ValueError(f"{where}: a projector without bias is not supported")
+    layer = hf.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise ValueError(f"vision_feature_layer {layer!r}: only a single layer is supported")
+    strategy = hf.get("vision_feature_select_strategy", "default")
+    if strategy not in STRATEGY:
+        raise ValueError(f"vision_feature_select_strategy {strategy!r} not in {sorted(STRATEGY)}")
+    if not isinstance(hf.get("vision_config"), dict) or not isinstance(hf.get("text_config"), dict):
+        raise ValueError(f"{where}: a LLaVA config needs vision_config and text_config dicts")
+    vision = clip.config_from_hf(hf["vision_config"], select_layer=layer, select_feature=STRATEGY[strategy])
+    return dict(vision=vision, llm=llama.config_from_hf(hf["text_config"]), projector_type="mlp2x_gelu",
+                image_token_id=int(hf.get("image_token_index", hf.get("image_token_id"))))
+
+
+def read_llava_hf(folder: Path, dtype: torch.dtype):
+    cfg = llava_hf_config(checkpoint.load_hf_config(folder), folder)
+    ignore = _POSITION_IDS + _rotary(cfg["llm"], "language_model.", "model.language_model.")
+    if cfg["llm"].tie_word_embeddings:
+        ignore += ("lm_head.", "language_model.lm_head.")  # a copy of the embedding some savers add
+    return cfg, checkpoint.read_state(folder, LLAVA_HF_KEYS, ignore=ignore, dtype=dtype)
+
+
+def llava_vision_config(hf: dict, folder: Path, vision: str | Path | None) -> tuple[clip.ClipConfig, str]:
+    """The tower's config from `mm_vision_tower` (a local CLIP folder, or a known hub name) -> (config, tower)."""
+    tower = str(vision or hf.get("mm_vision_tower", ""))
+    if tower and not Path(tower).is_absolute() and (folder / tower).is_dir():
+        tower = str(folder / tower)  # a tower shipped inside the checkpoint folder
+    select = dict(select_layer=hf.get("mm_vision_select_layer", -2),
+                  select_feature=hf.get("mm_vision_select_feature", "patch"))
+    if tower and Path(tower, "config.json").is_file():
+        return clip.config_from_hf(checkpoint.load_hf_config(tower), **select), tower
+    try:  # a hub name such as "openai/clip-vit-large-patch14-336": the matching preset
+        return clip.ClipConfig.from_name(tower.rstrip("/").split("/")[-1], **select), tower
+    except (KeyError, ValueError):
+        raise ValueError(f"{folder}: mm_vision_tower {tower!r} is neither a local CLIP folder nor "
+                         f"a known preset; pass vision=PATH") from None
+
+
+def read_llava(folder: Path, dtype: torch.dtype, vision: str | Path | None = None):
+    """Original LLaVA. LLaVA-1.5 releases leave the tower out (it is the stock CLIP named in
+    `mm_vision_tower`); Doctor Sun's release carries it merged in. Either way the result is whole."""
+    hf = checkpoint.load_hf_config(folder)
+    vcfg, tower = llava_vision_config(hf, folder, vision)
+    cfg = dict(vision=vcfg, llm=llama.config_from_hf(hf), projector_type=hf.get("mm_projector_type", "linear"))
+    ignore = _POSITION_IDS + _rotary(cfg["llm"], "") + ("lm_head.",) * cfg["llm"].tie_word_embeddings
+    state = checkpoint.read_state(folder, LLAVA_KEYS, ignore=ignore, dtype=dtype)
+    if not any(k.startswith("vision.") for k in state):
+        if not (tower and Path(tower).is_dir()):
+            raise ValueError(f"{folder} holds no vision tower weights and mm_vision_tower "
+                             f"{tower!r} is not a local folder; pass vision=PATH")
+        _merge(state, checkpoint.read_state(tower, _under("vision.", clip.HF_KEY_MAP),
+                                            ignore=clip.HF_IGNORE, dtype=dtype))
+    return cfg, state
+
+
+# ---- xtuner --------------------------------------------------------------------------------------------
+
+def read_xtuner(src: Path, vision: str | Path | None, llm: str | Path | None, dtype: torch.dtype):
+    """xtuner's pth_to_hf output for LLaVA + the base CLIP (+ the base LLM for `llm_adapter/` or a
+    frozen LLM). xtuner's LLaVAModel uses hidden_states[-2] without the class token: our defaults.
+    peft LoRA adapters are merged into the weights they adapt."""
+    vdir = src / "visual_encoder" if (src / "visual_encoder").is_dir() else vision  # a fully trained ViT
+    if vdir is None:
+        raise ValueError(f"{src} has no visual_encoder/ folder: the vision tower is missing; pass "
+                         f"--vision CLIP_DIR (the CLIP that training started from)")
+    adapter = src / "llm_adapter"
+    if (src / "llm").is_dir():  # the LLM trained fully
+        ldir = src / "llm"
+    elif adapter.is_dir() or llm:  # LoRA on the LLM, or a frozen LLM (pretrain stage)
+        ldir = llm or json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not (ldir and Path(ldir).is_dir()):
+            raise ValueError(f"{adapter} is a LoRA adapter and its base {ldir!r} is not a local "
+                             f"folder: pass --llm BASE_LLM_DIR")
+    else:
+        raise ValueError(f"{src} has neither llm/ nor llm_adapter/: pass --llm BASE_LLM_DIR (the frozen LLM)")
+
+    pdir = src / "projector"
+    pcfg = checkpoint.load_hf_config(pdir)  # xtuner's ProjectorConfig
+    if pcfg.get("hidden_act", "gelu") != "gelu" or not pcfg.get("bias", True):
+        raise ValueError(f"{pdir}/config.json: only a GELU projector with biases is supported, got "
+                         f"hidden_act={pcfg.get('hidden_act')!r}, bias={pcfg.get('bias')!r}")
+    lcfg = llama.config_from_hf(checkpoint.load_hf_config(ldir))
+    cfg = dict(vision=clip.config_from_hf(checkpoint.load_hf_config(vdir)), llm=lcfg,
+               projector_type=f"mlp{pcfg.get('depth', 2)}x_gelu")
+    state = checkpoint.read_state(vdir, _under("vision.", clip.HF_KEY_MAP), ignore=clip.HF_IGNORE, dtype=dtype)
+    if (src / "visual_encoder_adapter").is_dir():
+        merge_peft_adapter(state, src / "visual_encoder_adapter", _under("vision.", clip.HF_KEY_MAP))
+    llm_ignore = llama.hf_ignore(lcfg) + ("lm_head.",) * lcfg.tie_word_embeddings
+    _merge(state, checkpoint.read_state(ldir, _under("llm.", llama.HF_KEY_MAP), ignore=llm_ignore, dtype=dtype))
+    if adapter.is_dir():
+        merge_peft_adapter(state, adapter, _under("llm.", llama.HF_KEY_MAP))
+    _merge(state, checkpoint.read_state(pdir, {"model.": "projector."}, dtype=dtype))  # model.0.* / model.2.*
+    return cfg, state
+
+
+def merge_peft_adapter(state: checkpoint.State, folder: Path, key_map: dict[str, str]) -> list[str]:
+    """Fold a peft LoRA adapter folder into the weights of `state`; `key_map` maps HF module names to ours.
+
+    peft saves `base_model.model.<HF module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r);
+    each adapted weight becomes W + (lora_alpha / r) * B @ A, computed in fp32 (lora.merged_weight).
+    """
+    cfg_path = folder / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"no adapter_config.json in {folder}")
+    acfg = json.loads(cfg_path.read_text())
+    unsupported = {k: acfg[k] for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern",
+                                        "modules_to_save") if acfg.get(k)}
+    if acfg.get("bias", "none") != "none":
+        unsupported["bias"] = acfg["bias"]
+    if acfg.get("peft_type", "LORA") != "LORA" or unsupported:
+        raise ValueError(f"{cfg_path}: only plain LoRA adapters are supported (peft_type "
+                         f"{acfg.get('peft_type')!r}, unsupported settings {unsupported})")
+    files = [folder / f for f in ("adapter_model.safetensors", "adapter_model.bin") if (folder / f).is_file()]
+    if not files:
+        raise FileNotFoundError(f"no adapter_model.safetensors or adapter_model.bin in {folder}")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t, file in checkpoint.iter_tensors(files[0]):
+        hit = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+        name = checkpoint.rename(hit.group(1), key_map) if hit else None
+        weight = state.get(f"{name}.weight")
+        if weight is None or weight.dim() != 2:
+            raise checkpoint.CheckpointError(f"unexpected key {key!r} in {file}: not a LoRA weight of a "
+                                             f"linear layer")
+        pairs.setdefault(name, {})[hit.group(2)] = t
+    if not pairs:
+        raise checkpoint.CheckpointError(f"{files[0]} holds no LoRA weights")
+    scaling = float(acfg["lora_alpha"]) / int(acfg["r"])
+    for name, ab in sorted(pairs.items()):
+        w = state[f"{name}.weight"]
+        if set(ab) != {"A", "B"}:
+            raise checkpoint.CheckpointError(f"{files[0]}: {name} has lora_{''.join(ab)} but not both A and B")
+        if ab["A"].shape != (int(acfg["r"]), w.shape[1]) or ab["B"].shape != (w.shape[0], int(acfg["r"])):
+            raise checkpoint.CheckpointError(f"{files[0]}: {name}: LoRA shapes {tuple(ab['A'].shape)}, "
+                                             f"{tuple(ab['B'].shape)} do not fit the weight {tuple(w.shape)} "
+                                             f"at r={acfg['r']}")
+        state[f"{name}.weight"] = lora.merged_weight(w, ab["A"], ab["B"], scaling)
+    return sorted(pairs)
+
+
+def _under(prefix: str, key_map: dict[str, str]) -> dict[str, str]:
+    """A part's key map, moved under our model's `prefix` ("vision.", "llm.")."""
+    return {k: prefix + v for k, v in key_map.items()}
+
+
+def _merge(state: checkpoint.State, more: checkpoint.State) -> None:
+    for name in more:
+        if name in state:
+            raise checkpoint.CheckpointError(f"{name!r} comes from two files: {state.origin[name][1]} "
+                                             f"and {more.origin[name][1]}")
+    state.update(more)
+    state.origin.update(more.origin)
+
+
+# ---- writing -------------------------------------------------------------------------------------------
+
+def invert(table: dict[str, str], skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """{foreign prefix: ours} -> {ours: foreign prefix}, ignoring foreign prefixes in `skip`.
+
+    Where the reader accepts several names for one of ours, the longest wins: the full hub path
+    `vision_tower.vision_model.` rather than the shortened `vision_tower.` that transformers 5.24 writes.
+    """
+    out = {}
+    for foreign, ours in sorted(table.items(), key=lambda kv: len(kv[0])):
+        if not foreign.startswith(skip):
+            out[ours] = foreign
+    return out
+
+
+def export_state(state_dict: dict[str, torch.Tensor], table: dict[str, str], dtype: torch.dtype, *,
+                 skip: tuple[str, ...] = (), tied: bool = False) -> dict[str, torch.Tensor]:
+    """Our state dict under the foreign names of `table`, cast to `dtype`.
+
+    A tied LM head is written once, as the embedding. Each name must map back through the table to
+    where it came from, or what we write would not be what we (and the other side) read.
+    """
+    writer = invert(table, skip)
+    out = {}
+    for name, t in state_dict.items():
+        if name == "llm.lm_head.weight" and tied:
+            continue
+        key = checkpoint.rename(name, writer)
+        if key is None or checkpoint.rename(key, table) != name:
+            raise ValueError(f"{name!r} has no foreign name that reads back (got {key!r})")
+        out[key] = t.to(dtype) if t.is_floating_point() else t
+    return out
+
+
+def llava_hf_config_json(vision: clip.ClipConfig, llm: llama.LlamaConfig, *, image_token_id: int,
+                         pad_token_id: int, num_image_tokens: int, dtype: torch.dtype) -> dict:
+    """The config.json of LlavaForConditionalGeneration (the inverse of `llava_hf_config`)."""
+    strategy = {v: k for k, v in STRATEGY.items()}[vision.select_feature]
+    return {
+        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+        "dtype": str(dtype).removeprefix("torch."),
+        "text_config": {**llama.config_to_hf(llm), "pad_token_id": pad_token_id},
+        "vision_config": clip.config_to_hf(vision),
+        "image_token_index": image_token_id, "image_token_id": image_token_id,
+        "image_seq_length": num_image_tokens, "vision_feature_layer": vision.select_layer,
+        "vision_feature_select_strategy": strategy, "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": True, "tie_word_embeddings": llm.tie_word_embeddings}
+
+
+def llava_config_json(vision: clip.ClipConfig, llm: llama.LlamaConfig, *, projector_type: str, tower: str,
+                      pad_to_square: bool, dtype: torch.dtype) -> dict:
+    """The config.json of LLaVA's LlavaLlamaForCausalLM: the LLM's config plus the `mm_*` keys."""
+    return {
+        **llama.config_to_hf(llm), "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "image_aspect_ratio": "pad" if pad_to_square else "square", "mm_hidden_size": vision.hidden_size,
+        "mm_projector_type": projector_type, "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False, "mm_vision_select_feature": vision.select_feature,
+        "mm_vision_select_layer": vision.select_layer, "mm_vision_tower": tower, "use_mm_proj": True,
+        "use_cache": True}
