@@ -1,6 +1,6 @@
 """Speed of our model next to transformers' LlavaForConditionalGeneration, same machine, same run.
 
-    python benchmarks/bench_model.py            # the 59M LLaVA of environment.md, fp32, CPU
+    python benchmarks/bench_model.py            # a 59M-parameter LLaVA, fp32, CPU
     python benchmarks/bench_model.py --dtype bfloat16 --steps 5
 
 Both models hold the same weights (ours is loaded from the HF model's save_pretrained folder
