@@ -2,8 +2,9 @@
 
 Why one module: the CLIP, Llama, multimodal and converter code all read the same on-disk
 layouts (a single `model.safetensors`, shards with `model.safetensors.index.json`, or a legacy
-`pytorch_model.bin`). Each caller owns its own *key map* (one explicit prefix table per foreign
-format); this file only streams tensors, renames them by that table and loads them strictly.
+`pytorch_model.bin`). Each caller owns its *key map* (clip.py and llama.py their Hugging Face
+names, formats.py the LLaVA layouts); this file only streams tensors, renames them by that table
+and loads them strictly.
 
 Loading is lazy and strict, the way gpt-fast and torchtitan do it:
   1. the caller builds the module on the `meta` device (no memory, no random init),
