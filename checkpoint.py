@@ -176,7 +176,7 @@ def assign(module: nn.Module, state: State, *, strict: bool = True, source: str 
 
 def load_state(module: nn.Module, path: str | Path, key_map: dict[str, str], *,
                ignore: tuple[str, ...] = (), dtype: torch.dtype | None = None,
-               strict: bool = True) -> list[str]:
+               strict: bool = True, allow_missing: tuple[str, ...] = ()) -> list[str]:
     """`read_state` + `assign`: stream the tensors of `path` into `module` (usually built on `meta`).
 
     With strict=False, missing keys are allowed (several sources fill one model) but unknown keys and
@@ -188,7 +188,7 @@ def load_state(module: nn.Module, path: str | Path, key_map: dict[str, str], *,
         for name, t in state.items():
             if name in expected and t.is_floating_point():
                 state[name] = t.to(expected[name].dtype)
-    return assign(module, state, strict=strict, source=path)
+    return assign(module, state, strict=strict, source=path, allow_missing=allow_missing)
 
 
 def materialized(module: nn.Module) -> None:

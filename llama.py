@@ -348,8 +348,8 @@ def config_to_hf(c: LlamaConfig) -> dict:
         "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_hidden_layers,
         "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
         "head_dim": c.head_dim, "hidden_act": "silu", "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": c.rope_theta,  # a copy: transformers edits the rope dict it is given in place
-        "rope_scaling": dict(c.rope_scaling) if c.rope_scaling else None,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": dict(c.rope_scaling) if c.rope_scaling else None,  # a copy: transformers edits it
         "max_position_embeddings": c.max_position_embeddings, "tie_word_embeddings": c.tie_word_embeddings,
         "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
         "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
@@ -376,16 +376,11 @@ def from_pretrained(path, dtype=torch.float32, device=None) -> Llama:
     config = config_from_hf(load_hf_config(path))
     with torch.device("meta"):
         model = Llama(config)
-    ignore = hf_ignore(config)
+    # Tied checkpoints hold only embed_tokens.weight (some older savers add a copy as lm_head.weight).
+    tied = ("lm_head.",) if config.tie_word_embeddings else ()
+    load_state(model, path, HF_KEY_MAP, ignore=hf_ignore(config) + tied, dtype=dtype, allow_missing=tied)
     if config.tie_word_embeddings:
-        # Tied HF checkpoints hold only embed_tokens.weight (some older savers add a copy as lm_head.weight):
-        # detach the alias while loading so the strict key check sees one tensor, then tie again.
-        lm_head, model.lm_head = model.lm_head, None
-        ignore = ignore + ("lm_head.",)
-    load_state(model, path, HF_KEY_MAP, ignore=ignore, dtype=dtype)
-    if config.tie_word_embeddings:
-        model.lm_head = lm_head
-        model.tie_weights()
+        model.tie_weights()  # the embedding was replaced by assignment: share it again
     if device is not None:
         model.to(device)
     return model.eval()
