@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import data
+
 VERSION = 1  # the demo format; the marker also records a hash of this file, so any edit rebuilds
 DEFAULT_ROOT = Path(__file__).resolve().parent / "demo_data"  # gitignored
 MARKER = "demo_config.json"  # written last: its presence means the folder is complete
@@ -84,8 +86,8 @@ QUESTIONS = {
 }
 CLOSED = ("presence", "modality_check", "brightness_check")
 CHECKS = ("modality_check", "brightness_check")  # yes/no about a value the question names
-# MultiMedEval prefixes closed questions with this at evaluation; some training turns carry it too.
-YES_NO_PREFIX = {"en": "Answer the following question with yes or no. ", "zh": "请用是或否回答以下问题。"}
+# Evaluation prefixes closed questions with this (MultiMedEval's hint); some training turns carry it too.
+YES_NO_PREFIX = {"en": data.YES_NO_HINT, "zh": "请用是或否回答以下问题。"}
 TEXT_QA = {"en": ("Question: ", "Answer: "), "zh": ("问：", "答：")}  # text.jsonl: caption, then QA lines
 
 # Text-only medical QA (finetune.json records without an image, and raw sentences for text.jsonl).
@@ -475,8 +477,7 @@ def tokenizer_corpus() -> list[str]:
                    *(loc[lang == "zh"] for loc in LOCATIONS.values()), *(b[lang == "zh"] for b in BRIGHTNESS.values())]
         out += answers + [answer + a for a in answers] + DESCRIPTIONS[lang] + [x for fact in FACTS[lang] for x in fact]
     # prompt pieces of the chat template and of eval harnesses, so "user", "\n\n" etc. are single tokens
-    out += ["user\n\n", "assistant\n\n", "system\n\n", "<image>\n", "Answer the questions.",
-            "Answer the question with yes, no or maybe."]
+    out += ["user\n\n", "assistant\n\n", "system\n\n", "<image>\n", data.EVAL_SYSTEM, data.YES_NO_MAYBE_HINT]
     return out * 2  # BPE's min_frequency=2 then keeps every merge the demo needs
 
 VOCAB_SIZE = 2048
@@ -704,9 +705,11 @@ def _read_marker(root: Path) -> dict | None:
 
 
 def _generator() -> str:
-    """Hash of this file: a demo written by other code is rebuilt, with no version to forget to bump
-    (the output is deterministic, so an edit that changes nothing rewrites the same bytes)."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    """Hash of this file and of the prompt texts it takes from data.py: a demo written by other code
+    is rebuilt, with no version to forget to bump (the output is deterministic, so an edit that
+    changes nothing rewrites the same bytes)."""
+    prompts = "\n".join([data.YES_NO_HINT, data.EVAL_SYSTEM, data.YES_NO_MAYBE_HINT]).encode()
+    return hashlib.sha256(Path(__file__).read_bytes() + prompts).hexdigest()[:16]
 
 
 def _has_pydicom() -> bool:
