@@ -11,11 +11,11 @@ The file reads in four parts:
   1. task loaders: each public dataset's own on-disk format -> a list of `Example`s;
   2. scoring: pure functions, MultiMedEval's rules and LLaVA-Med's convention side by side;
   3. generation: prompts sorted by length, left-padded batches, KV cache, images in a DataLoader;
-  4. the CLI: benchmark runs, rescoring of any model's predictions, one question about one image.
+  4. the CLI, in one of three modes that its flags name (`resolve_mode`):
 
-    python eval.py --model runs/finetune/final --task vqa --data demo_data/test.json --out out/eval
-    python eval.py --task vqa-rad --data "VQA_RAD Dataset Public.json" --predictions preds.jsonl
-    python eval.py --model runs/finetune/final --image scan.dcm --question "这张CT有什么异常？"
+    evaluate  python eval.py --model runs/finetune/final --task vqa --data demo_data/test.json --out out/eval
+    rescore   python eval.py --task vqa-rad --data "VQA_RAD Dataset Public.json" --predictions preds.jsonl
+    ask       python eval.py --model runs/finetune/final --image scan.dcm --question "这张CT有什么异常？"
 """
 from __future__ import annotations
 
@@ -862,13 +862,31 @@ def parse_args(argv=None):
     g.add_argument("--image", help="an image (DICOM, PNG, JPG ...) to ask --question about")
     g.add_argument("--question", help="ask this and stream the answer")
     args = p.parse_args(argv)
-    if args.question is None and args.image is not None:
-        p.error("--image needs --question")
-    if args.question is None and not (args.task and args.data):
-        p.error("give --task and --data (with --model or --predictions), or --question")
-    if args.question is None and not (args.model or args.predictions):
-        p.error("give --model to generate answers, or --predictions to rescore")
+    args.mode = resolve_mode(args, p.error)
     return args
+
+
+def resolve_mode(args, error) -> str:
+    """The one thing this run does, named: "evaluate" (--task --data --model: generate and score),
+    "rescore" (--task --data --predictions: score saved answers, no model) or "ask" (--model
+    --question [--image]: one streamed answer). `error` (argparse's) refuses flags that contradict."""
+    if args.question is not None:
+        clash = [flag for flag, v in (("--task", args.task), ("--data", args.data),
+                                      ("--predictions", args.predictions)) if v]
+        if clash:
+            error(f"--question asks one question and scores nothing: drop {', '.join(clash)}")
+        if not args.model:
+            error("--question needs --model")
+        return "ask"
+    if args.image is not None:
+        error("--image needs --question")
+    if not (args.task and args.data):
+        error("give --task and --data (with --model or --predictions), or --question")
+    if args.model and args.predictions:
+        error("--predictions rescores saved answers and loads no model: drop --model (or --predictions)")
+    if not (args.model or args.predictions):
+        error("give --model to generate answers, or --predictions to rescore")
+    return "rescore" if args.predictions else "evaluate"
 
 
 def load_model(args):
@@ -885,55 +903,77 @@ def load_model(args):
     tok = data.load_tokenizer(tok_dir)
     pad = args.pad_to_square if args.pad_to_square is not None else data.trained_pad_to_square(args.model)
     template = args.template or default_template(tok)
-    system = args.system
-    if system is None:
-        system = checkpoint.load_hf_config(args.model).get("train", {}).get("system")
-    if system is None:
-        # Prompts as the model was trained: our stage checkpoints record their run, and train.py
-        # (like Doctor Sun's xtuner configs) uses no system prompt. Any other checkpoint gets the
-        # Doctor Sun's evaluation prompt, where the template has a system block.
-        trained_here = "train" in checkpoint.load_hf_config(args.model)
-        system = data.EVAL_SYSTEM if data.TEMPLATES[template].system and not trained_here else ""
-    return m, tok, template, system, pad
+    return m, tok, template, _default_system(args, template), pad
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    if args.question is not None:
-        m, tok, template, system, pad = load_model(args)
-        gen = torch.Generator(m.llm.embed_tokens.weight.device).manual_seed(args.seed) if args.do_sample else None
-        ask(m, tok, args.question, args.image, template=template, system=system, pad_to_square=pad,
-            max_new_tokens=args.max_new_tokens or 256, generator=gen, **sampling)
-        return 0
+def _default_system(args, template) -> str:
+    """--system, else the prompt the checkpoint was trained with: our stage checkpoints record
+    their run, and train.py (like Doctor Sun's xtuner configs) uses none. Any other checkpoint gets
+    Doctor Sun's evaluation prompt, where the template has a system block."""
+    if args.system is not None:
+        return args.system
+    cfg = checkpoint.load_hf_config(args.model)
+    system = cfg.get("train", {}).get("system")
+    if system is not None:
+        return system
+    return data.EVAL_SYSTEM if data.TEMPLATES[template].system and "train" not in cfg else ""
 
+
+def _sampling(args) -> dict:
+    return dict(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+
+
+def run_ask(args) -> int:
+    """--question [--image]: stream one answer."""
+    m, tok, template, system, pad = load_model(args)
+    gen = torch.Generator(m.llm.embed_tokens.weight.device).manual_seed(args.seed) if args.do_sample else None
+    ask(m, tok, args.question, args.image, template=template, system=system, pad_to_square=pad,
+        max_new_tokens=args.max_new_tokens or 256, generator=gen, **_sampling(args))
+    return 0
+
+
+def _task_examples(args) -> list[Example]:
     hint = {"auto": None, "on": True, "off": False}[args.yes_no_hint]
-    examples = load_task(args.task, args.data, args.images, lang=args.lang, limit=args.limit, hint=hint,
-                         answers=args.answers, split=args.split)
-    settings = {"task": args.task, "data": str(args.data), "n_questions": len(examples)}
-    if args.predictions:
-        answers, skipped = read_predictions(args.predictions)
-        missing = [e.id for e in examples if e.id not in answers and e.id not in skipped]
-        if missing:  # scored as empty answers (wrong), never silently left out
-            print(f"warning: {len(missing)} questions have no prediction in {args.predictions} "
-                  f"(e.g. {missing[:3]}); they count as empty answers", file=sys.stderr)
-        settings.update(predictions=str(args.predictions), missing_predictions=len(missing))
-    else:
-        m, tok, template, system, pad = load_model(args)
-        max_new = args.max_new_tokens or (256 if args.task == "caption" else 64)
-        answers, skipped, seconds = generate_answers(
-            m, tok, examples, template=template, system=system, batch_size=args.batch_size,
-            max_new_tokens=max_new, pad_to_square=pad, blank_images=args.blank_images, seed=args.seed,
-            num_workers=args.workers, **sampling)
-        for qid, (reason, detail) in list(skipped.items())[:10]:
-            print(f"skipped {qid}: {detail}", file=sys.stderr)
-        settings.update(model=str(args.model), template=template, system=system or None,
-                        pad_to_square=pad, blank_images=args.blank_images, max_new_tokens=max_new,
-                        batch_size=args.batch_size, dtype=str(m.llm.embed_tokens.weight.dtype),
-                        decoding="sample" if args.do_sample else "greedy", seconds=round(seconds, 2),
-                        samples_per_s=round(len(examples) / max(seconds, 1e-9), 3))
-        if args.do_sample:
-            settings.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    return load_task(args.task, args.data, args.images, lang=args.lang, limit=args.limit, hint=hint,
+                     answers=args.answers, split=args.split)
+
+
+def run_rescore(args) -> int:
+    """--predictions: score saved answers (ours or LLaVA's answer files) without a model."""
+    examples = _task_examples(args)
+    answers, skipped = read_predictions(args.predictions)
+    missing = [e.id for e in examples if e.id not in answers and e.id not in skipped]
+    if missing:  # scored as empty answers (wrong), never silently left out
+        print(f"warning: {len(missing)} questions have no prediction in {args.predictions} "
+              f"(e.g. {missing[:3]}); they count as empty answers", file=sys.stderr)
+    settings = {"task": args.task, "data": str(args.data), "n_questions": len(examples),
+                "predictions": str(args.predictions), "missing_predictions": len(missing)}
+    return _report(args, examples, answers, skipped, settings)
+
+
+def run_evaluate(args) -> int:
+    """--model: generate an answer to every question, then score."""
+    examples = _task_examples(args)
+    m, tok, template, system, pad = load_model(args)
+    max_new = args.max_new_tokens or (256 if args.task == "caption" else 64)
+    answers, skipped, seconds = generate_answers(
+        m, tok, examples, template=template, system=system, batch_size=args.batch_size,
+        max_new_tokens=max_new, pad_to_square=pad, blank_images=args.blank_images, seed=args.seed,
+        num_workers=args.workers, **_sampling(args))
+    for qid, (reason, detail) in list(skipped.items())[:10]:
+        print(f"skipped {qid}: {detail}", file=sys.stderr)
+    settings = {"task": args.task, "data": str(args.data), "n_questions": len(examples),
+                "model": str(args.model), "template": template, "system": system or None,
+                "pad_to_square": pad, "blank_images": args.blank_images, "max_new_tokens": max_new,
+                "batch_size": args.batch_size, "dtype": str(m.llm.embed_tokens.weight.dtype),
+                "decoding": "sample" if args.do_sample else "greedy", "seconds": round(seconds, 2),
+                "samples_per_s": round(len(examples) / max(seconds, 1e-9), 3)}
+    if args.do_sample:
+        settings.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    return _report(args, examples, answers, skipped, settings)
+
+
+def _report(args, examples, answers, skipped, settings) -> int:
     summary = write_outputs(args.out, args.task, examples, answers, skipped, settings)
     print(format_table(args.task, summary))
     if "skipped" in summary:
@@ -941,6 +981,14 @@ def main(argv=None) -> int:
     if args.out:
         print(f"wrote {Path(args.out) / 'predictions.jsonl'} and {Path(args.out) / 'summary.json'}")
     return 0
+
+
+MODES = {"evaluate": run_evaluate, "rescore": run_rescore, "ask": run_ask}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return MODES[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -533,6 +533,31 @@ def test_rescoring_without_a_model(tmp_path):
     assert E.read_predictions(llava_file) == ({"0_0": "yes"}, {})
 
 
+@pytest.mark.parametrize("argv, mode", [
+    (["--task", "vqa", "--data", "t.json", "--model", "m"], "evaluate"),
+    (["--task", "vqa", "--data", "t.json", "--predictions", "p.jsonl"], "rescore"),
+    (["--model", "m", "--question", "q?"], "ask"),
+    (["--model", "m", "--image", "x.png", "--question", "q?"], "ask"),
+])
+def test_cli_modes(argv, mode):
+    assert E.parse_args(argv).mode == mode
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "m", "--question", "q?", "--task", "vqa", "--data", "t.json"], "drop --task, --data"),
+    (["--model", "m", "--question", "q?", "--predictions", "p.jsonl"], "drop --predictions"),
+    (["--question", "q?"], "--question needs --model"),
+    (["--model", "m", "--image", "x.png"], "--image needs --question"),
+    (["--model", "m", "--task", "vqa"], "give --task and --data"),
+    (["--task", "vqa", "--data", "t.json", "--model", "m", "--predictions", "p.jsonl"], "drop --model"),
+    (["--task", "vqa", "--data", "t.json"], "give --model to generate answers, or --predictions"),
+])
+def test_cli_refuses_contradictory_flags(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        E.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
 def test_single_image_mode_streams(tiny, tmp_path, capsys):
     import pydicom.examples
 
