@@ -578,7 +578,7 @@ def encode_conversation(conversations, tokenizer: Tokenizer, template="llama3", 
     """(input_ids, labels) for one record. `conversations` is a LLaVA turn list, or a string (raw
     text for the "text" template). num_image_tokens > 0 means the record has an image: its
     `<image>` becomes that many `image_token_id`s. max_length counts expanded tokens (the model's
-    context; upstream's 3520 + 576 image positions = 4096). A cut that would fall inside the image
+    context; xtuner's LLaVA configs keep 4096 - 576 = 3520 for text). A cut that would fall inside the image
     block moves before it: the model needs all of an image's features or none."""
     t = _template(template)
     if isinstance(conversations, str):

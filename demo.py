@@ -442,7 +442,7 @@ def _llava(id_, image, qas, rng=None, prefix_p=0.0):
     for i, (pattern, q, a) in enumerate(qas):
         if rng is not None and pattern in CLOSED and rng.random() < prefix_p:
             q = YES_NO_PREFIX["zh" if rng.random() < 0.5 and not q.isascii() else "en"] + q
-        conv += [{"from": "human", "value": ("<image>\n" if i == 0 and image else "") + q}, {"from": "gpt", "value": a}]
+        conv += [{"from": "human", "value": (data.IMAGE_TOKEN + "\n" if i == 0 and image else "") + q}, {"from": "gpt", "value": a}]
     rec = {"id": id_}
     if image:
         rec["image"] = image
@@ -470,7 +470,7 @@ def tokenizer_corpus() -> list[str]:
                    *(loc[lang == "zh"] for loc in LOCATIONS.values()), *(b[lang == "zh"] for b in BRIGHTNESS.values())]
         out += answers + [answer + a for a in answers] + DESCRIPTIONS[lang] + [x for fact in FACTS[lang] for x in fact]
     # prompt pieces of the chat template and of eval harnesses, so "user", "\n\n" etc. are single tokens
-    out += ["user\n\n", "assistant\n\n", "system\n\n", "<image>\n", data.EVAL_SYSTEM, data.YES_NO_MAYBE_HINT]
+    out += ["user\n\n", "assistant\n\n", "system\n\n", data.IMAGE_TOKEN + "\n", data.EVAL_SYSTEM, data.YES_NO_MAYBE_HINT]
     return out * 2  # BPE's min_frequency=2 then keeps every merge the demo needs
 
 VOCAB_SIZE = 2048
@@ -617,7 +617,7 @@ def _train_records(root: Path, seed: int, n_train: int):
         finetune.append(_llava(Path(name).stem, name, _conversation(scan, lang, rng, bal, pw), rng, 0.2))
     for i, (name, scan) in enumerate(train_scans):  # captions in the other language than the VQA
         pretrain.append({"id": f"cap_{Path(name).stem}", "image": name, "conversations": [
-            {"from": "human", "value": "<image>\n"},
+            {"from": "human", "value": data.IMAGE_TOKEN + "\n"},
             {"from": "gpt", "value": caption(scan, ("zh", "en")[i % 2], int(rng.integers(2)))}]})
 
     # text-only QA (int ids, mixed into finetune like general data in real mixtures)
