@@ -38,40 +38,6 @@ def load_hf_config(folder: str | Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
-# ---- what a training run recorded in its checkpoint (read by eval.py and convert.py) --------
-
-def tokenizer_folder(model_dir, override=None) -> Path:
-    """--tokenizer, else the checkpoint's "tokenizer" entry (train.py records it; followed up the
-    "base.init" chain of stage checkpoints), else the model folder (llava-hf / LLaVA ship theirs)."""
-    if override:
-        return Path(override)
-    folder = Path(model_dir)
-    while True:
-        cfg = load_hf_config(folder)
-        for ref in (cfg.get("tokenizer"), (cfg.get("train") or {}).get("tokenizer")):
-            if ref:
-                p = Path(ref)
-                return p if p.exists() or p.is_absolute() else folder / p
-        parent = (cfg.get("base") or {}).get("init")
-        if not parent:
-            return Path(model_dir)
-        folder = Path(parent) if Path(parent).exists() else folder / parent
-
-
-def trained_pad_to_square(model_dir) -> bool:
-    """Images are preprocessed as the checkpoint was trained: original LLaVA records
-    image_aspect_ratio; our checkpoints record their training run (pretrain does not pad,
-    finetune does, reference §2); otherwise pad, as LLaVA-1.5 finetunes do."""
-    cfg = load_hf_config(model_dir)
-    if "image_aspect_ratio" in cfg:
-        return cfg["image_aspect_ratio"] == "pad"
-    train = cfg.get("train") or {}
-    if train.get("pad_to_square") is not None:
-        return bool(train["pad_to_square"])
-    return (cfg.get("stage") or train.get("stage")) != "pretrain"
-
-
-
 def weight_files(path: str | Path) -> list[Path]:
     """The weight files of a folder (or a single file), safetensors preferred over .bin."""
     path = Path(path)

@@ -1,6 +1,6 @@
 """Data pipeline: LLaVA-format records -> (input_ids, labels, pixel_values) batches.
 
-What users have (reference doctor-sun.md §2-3): LLaVA JSON/JSONL conversations, images in a folder
+What users have: LLaVA JSON/JSONL conversations, images in a folder
 or in the released .zip archives, DICOM files from hospitals, a Llama-3 `tokenizer.json` or a
 Llama-2 `tokenizer.model`. This file turns them into right-padded training batches (or left-padded
 generation batches) and knows nothing about the model except how many positions an image takes
@@ -24,16 +24,19 @@ import re
 import sys
 import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from checkpoint import load_hf_config
 from special_ids import IGNORE_INDEX, IMAGE_TOKEN_ID  # noqa: F401  (re-exported: data.IGNORE_INDEX)
 
 IMAGE_TOKEN = "<image>"  # placeholder in record text; never in the vocabulary
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's preprocessing statistics
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_FILL = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104): the mean colour, ~0 after normalising
 
 
 class SampleError(ValueError):
@@ -143,9 +146,9 @@ def load_image(src, name: str | None = None) -> Image.Image:
         raise SampleError("corrupt_image", f"{name}: {type(e).__name__}: {e}") from None
 
 
-def expand2square(img: Image.Image, background=tuple(int(m * 255) for m in CLIP_MEAN)) -> Image.Image:
-    """LLaVA's "pad" aspect mode: centre the image on a square canvas of the CLIP mean colour
-    (122, 116, 104), so the centre crop that follows keeps the whole image."""
+def expand2square(img: Image.Image, background=CLIP_FILL) -> Image.Image:
+    """LLaVA's "pad" aspect mode: centre the image on a square canvas of the CLIP mean colour,
+    so the centre crop that follows keeps the whole image."""
     img = _to_rgb(img)
     w, h = img.size
     if w == h:
@@ -352,6 +355,48 @@ def load_tokenizer(folder) -> Tokenizer:
     return Tokenizer(folder)
 
 
+def stop_ids(tokenizer: Tokenizer, eos_token_id) -> list[int]:
+    """Ids that end an answer: the tokenizer's chat stop ids, then the model config's eos id(s)
+    (an int, a list, or None), each once."""
+    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    return list(dict.fromkeys(tokenizer.stop_ids + eos))
+
+
+# ----------------------------------------------------------------------------------------------
+# How a checkpoint's inputs were prepared (train.py records its run in config.json)
+
+
+def tokenizer_folder(model_dir, override=None) -> Path:
+    """--tokenizer, else the checkpoint's "tokenizer" entry (train.py records it; followed up the
+    "base.init" chain of stage checkpoints), else the model folder (llava-hf / LLaVA ship theirs)."""
+    if override:
+        return Path(override)
+    folder = Path(model_dir)
+    while True:
+        cfg = load_hf_config(folder)
+        for ref in (cfg.get("tokenizer"), (cfg.get("train") or {}).get("tokenizer")):
+            if ref:
+                p = Path(ref)
+                return p if p.exists() or p.is_absolute() else folder / p
+        parent = (cfg.get("base") or {}).get("init")
+        if not parent:
+            return Path(model_dir)
+        folder = Path(parent) if Path(parent).exists() else folder / parent
+
+
+def trained_pad_to_square(model_dir) -> bool:
+    """Whether images are padded to a square, as the checkpoint was trained: original LLaVA
+    records image_aspect_ratio; our checkpoints record their training run (LLaVA-1.5's scripts
+    pad for finetuning, not for pretraining); otherwise pad, as LLaVA-1.5 finetunes do."""
+    cfg = load_hf_config(model_dir)
+    if "image_aspect_ratio" in cfg:
+        return cfg["image_aspect_ratio"] == "pad"
+    train = cfg.get("train") or {}
+    if train.get("pad_to_square") is not None:
+        return bool(train["pad_to_square"])
+    return (cfg.get("stage") or train.get("stage")) != "pretrain"
+
+
 # ----------------------------------------------------------------------------------------------
 # Templates and label masking
 
@@ -371,7 +416,7 @@ class Template:
 
 
 TEMPLATES: dict[str, Template] = {
-    # Llama-3 Instruct (reference §3; Meta's and HF's chat_template). Stop word <|eot_id|>.
+    # Llama-3 Instruct (the chat_template of Meta-Llama-3-8B-Instruct). Stop word <|eot_id|>.
     "llama3": Template(
         prefix="<|begin_of_text|>",
         system="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
@@ -391,6 +436,11 @@ TEMPLATES: dict[str, Template] = {
     "text": Template(prefix="{bos}", system="", user="{input}", assistant="{output}{eos}"),
 }
 
+# Prompt texts of the evaluation, defined once: eval.py sends them, demo.py's tokenizer learns them.
+EVAL_SYSTEM = "Answer the questions."  # Doctor Sun's evaluation system prompt
+YES_NO_HINT = "Answer the following question with yes or no. "  # MultiMedEval's prefix to yes/no VQA questions
+YES_NO_MAYBE_HINT = "Answer the question with yes, no or maybe."  # opens the PubMedQA prompt
+
 _FIELD = re.compile(r"(<\|[a-z0-9_]+\|>|\{bos\}|\{eos\}|\{system\}|\{input\}|\{output\})")
 
 
@@ -403,9 +453,10 @@ def _template(template) -> Template:
 
 
 def _normalize(turns, has_image: bool):
-    """Reference §3: leading gpt turns dropped, consecutive human turns merged ("\n"), <image>
-    moved to the front of its human input as "<image>\n", each gpt turn closes an (input, output)
-    pair; values stripped like HF's chat template (`| trim`). Returns (pairs, system or None)."""
+    """LLaVA's turn rules (llava/train/train.py): a leading gpt turn is dropped, <image> moves to
+    the front of its human input as "<image>\n"; consecutive human turns are merged ("\n"), each
+    gpt turn closes an (input, output) pair, values are stripped like Llama-3's chat template
+    (`| trim`). Returns (pairs, system or None)."""
     if not isinstance(turns, list) or not turns:
         raise SampleError("malformed_record", "'conversations' must be a non-empty list")
     pairs, pending, system, n_images = [], [], None, 0
@@ -527,7 +578,7 @@ def encode_conversation(conversations, tokenizer: Tokenizer, template="llama3", 
     """(input_ids, labels) for one record. `conversations` is a LLaVA turn list, or a string (raw
     text for the "text" template). num_image_tokens > 0 means the record has an image: its
     `<image>` becomes that many `image_token_id`s. max_length counts expanded tokens (the model's
-    context; upstream's 3520 + 576 image positions = 4096). A cut that would fall inside the image
+    context; xtuner's LLaVA configs keep 4096 - 576 = 3520 for text). A cut that would fall inside the image
     block moves before it: the model needs all of an image's features or none."""
     t = _template(template)
     if isinstance(conversations, str):
@@ -607,28 +658,36 @@ class _BadLine(str):
     """A JSONL line that does not parse: kept in place, so it is reported like a malformed record."""
 
 
-def read_records(path) -> list:
-    """A LLaVA JSON list (.json, one json.load) or JSONL (line by line). Only parsing happens
-    here; records are checked when used. A JSON file that does not parse is an error naming it."""
+def read_records(path, *, bad_lines: str = "keep", allow_object: bool = False) -> list | dict:
+    """The records of a JSON document or of a JSON Lines file (.jsonl, one record per line).
+
+    Training data keeps a JSONL line that does not parse as a `_BadLine` (bad_lines="keep"): it is
+    then skipped and counted like any malformed record. Benchmarks must not lose questions quietly
+    (bad_lines="raise": ValueError naming file:line). A JSON document must be a list (LLaVA's
+    format) unless allow_object (PubMedQA's {PMID: record}). A leading byte-order mark is ignored."""
+    if bad_lines not in ("keep", "raise"):
+        raise ValueError(f"bad_lines must be 'keep' or 'raise', got {bad_lines!r}")
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         if path.endswith(".jsonl"):
-            out = []
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        out.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        out.append(_BadLine(f"line {n}: invalid JSON: {e}"))
-            return out
+            return [_parse_line(line, n, path, bad_lines) for n, line in enumerate(f, 1) if line.strip()]
         try:
             records = json.load(f)
         except json.JSONDecodeError as e:
             hint = " (one record per line? name it .jsonl)" if e.msg == "Extra data" else ""
             raise ValueError(f"{path}: not valid JSON: {e}{hint}") from None
-    if not isinstance(records, list):
+    if not isinstance(records, list) and not (allow_object and isinstance(records, dict)):
         raise ValueError(f"{path}: expected a JSON list of records (LLaVA format), got {type(records).__name__}")
     return records
+
+
+def _parse_line(line: str, n: int, path: str, bad_lines: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        if bad_lines == "raise":
+            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+        return _BadLine(f"line {n}: invalid JSON: {e}")
 
 
 def _check_record(rec, template: str):
@@ -838,9 +897,9 @@ def _split_even(batch, lengths, n):
 
 
 class LengthGroupedSampler(torch.utils.data.Sampler):
-    """Modality- and length-grouped order (reference §2: image and text-only samples in separate
-    batches, similar lengths together to cut padding), as this rank's stream of indices for a
-    DataLoader with batch_size=batch_size.
+    """Modality- and length-grouped order (LLaVA's group_by_modality_length: image and text-only
+    samples in separate batches, similar lengths together to cut padding), as this rank's stream
+    of indices for a DataLoader with batch_size=batch_size.
 
     Per epoch (seeded by seed + epoch): each modality is shuffled and padded with repeats of its
     own samples to a multiple of batch_size * num_replicas (as DistributedSampler pads), so every

@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import data
+
 VERSION = 1  # the demo format; the marker also records a hash of this file, so any edit rebuilds
 DEFAULT_ROOT = Path(__file__).resolve().parent / "demo_data"  # gitignored
 MARKER = "demo_config.json"  # written last: its presence means the folder is complete
@@ -84,8 +86,8 @@ QUESTIONS = {
 }
 CLOSED = ("presence", "modality_check", "brightness_check")
 CHECKS = ("modality_check", "brightness_check")  # yes/no about a value the question names
-# MultiMedEval prefixes closed questions with this at evaluation; some training turns carry it too.
-YES_NO_PREFIX = {"en": "Answer the following question with yes or no. ", "zh": "请用是或否回答以下问题。"}
+# Evaluation prefixes closed questions with this (MultiMedEval's hint); some training turns carry it too.
+YES_NO_PREFIX = {"en": data.YES_NO_HINT, "zh": "请用是或否回答以下问题。"}
 TEXT_QA = {"en": ("Question: ", "Answer: "), "zh": ("问：", "答：")}  # text.jsonl: caption, then QA lines
 
 # Text-only medical QA (finetune.json records without an image, and raw sentences for text.jsonl).
@@ -184,10 +186,8 @@ class Balancer:
 # Synthetic images
 # ---------------------------------------------------------------------------------------------
 # Each modality is told apart by its global look (outline, frame, fan, texture); the anatomy
-# inside the quadrants is kept low-contrast so that the lesion is the strongest local signal.
-# Measured with a frozen random 3-layer ViT and a small trained head, 600 steps of 16: lesion
-# presence 94% and quadrant 95% this way, 82-84% when organs, vertebra, ventricles, ribs and
-# echo lines had full contrast (the tiny model has minutes, not hours, to find the lesion).
+# inside the quadrants is kept low-contrast so that the lesion is the strongest local signal
+# (the tiny model has minutes, not hours, to find it; measurements in NOTES.md).
 @functools.cache
 def _grid(shape):
     """Pixel-centre coordinates (yy, xx), each of `shape`."""
@@ -414,13 +414,8 @@ def _turn(pattern, scan, lang, rng, bal, wording=None):
 
 # "Is this a CT?" and "Is the lesion bright?" compare a word of the question with the image; the
 # model learns them after it reads the attribute itself, so they are picked 3x as often as the open
-# question of their group (measured on the demo chain: "is this a CT?" 75.9 -> 92.6).
-# The lesion's location is asked open only ("Where is the lesion?"). Yes/no checks of it stayed near
-# chance in every demo chain: "Is the lesion in the upper left region?" 46-64% over 12 runs on the
-# CPU and 46-68% over 32 on a GPU, "Is the lesion on the left side?" 44-53% over 5, and even the
-# fixed-wording "Is the lesion on the left side?" (answer = one image bit) only 63-67% over 3, while
-# open location recall was 41-86%. The tiny model reads where the lesion is only partly within the
-# demo's budget, and a check compounds that with a comparison.
+# question of their group. The lesion's location is asked open only: yes/no checks of it stayed
+# near chance within the demo's budget (NOTES.md has the figures for both).
 GROUP_P = 0.9  # chance that a conversation asks about each attribute group
 PATTERN_WEIGHT = {p: 3.0 for p in CHECKS}
 
@@ -447,7 +442,7 @@ def _llava(id_, image, qas, rng=None, prefix_p=0.0):
     for i, (pattern, q, a) in enumerate(qas):
         if rng is not None and pattern in CLOSED and rng.random() < prefix_p:
             q = YES_NO_PREFIX["zh" if rng.random() < 0.5 and not q.isascii() else "en"] + q
-        conv += [{"from": "human", "value": ("<image>\n" if i == 0 and image else "") + q}, {"from": "gpt", "value": a}]
+        conv += [{"from": "human", "value": (data.IMAGE_TOKEN + "\n" if i == 0 and image else "") + q}, {"from": "gpt", "value": a}]
     rec = {"id": id_}
     if image:
         rec["image"] = image
@@ -475,8 +470,7 @@ def tokenizer_corpus() -> list[str]:
                    *(loc[lang == "zh"] for loc in LOCATIONS.values()), *(b[lang == "zh"] for b in BRIGHTNESS.values())]
         out += answers + [answer + a for a in answers] + DESCRIPTIONS[lang] + [x for fact in FACTS[lang] for x in fact]
     # prompt pieces of the chat template and of eval harnesses, so "user", "\n\n" etc. are single tokens
-    out += ["user\n\n", "assistant\n\n", "system\n\n", "<image>\n", "Answer the questions.",
-            "Answer the question with yes, no or maybe."]
+    out += ["user\n\n", "assistant\n\n", "system\n\n", data.IMAGE_TOKEN + "\n", data.EVAL_SYSTEM, data.YES_NO_MAYBE_HINT]
     return out * 2  # BPE's min_frequency=2 then keeps every merge the demo needs
 
 VOCAB_SIZE = 2048
@@ -564,10 +558,34 @@ def _closed_balance(records):
 
 
 def _write_demo(root: Path, seed: int, n_train: int, n_test: int) -> dict:
-    img_dir = root / "images"
-    img_dir.mkdir(parents=True)
+    (root / "images").mkdir(parents=True)
+    pretrain, finetune, train_scans = _train_records(root, seed, n_train)
+    test = _test_records(root, seed, n_test)
+    text = _text_lines(seed, n_train)
 
-    # training images: decide the questions first, then draw an image that fits them
+    _write_json(root / "pretrain.json", pretrain)
+    _write_json(root / "finetune.json", finetune)
+    _write_json(root / "test.json", test)
+    with open(root / "text.jsonl", "w", encoding="utf-8") as f:
+        for k, t in enumerate(text):
+            f.write(json.dumps({"id": f"text_{k:05d}", "text": t}, ensure_ascii=False) + "\n")
+
+    n_bpe = train_tokenizer(tokenizer_corpus(), root / "tokenizer")
+
+    stats = {"train_images": len(train_scans), "dicom_images": sum(s.kind != "synthetic" for _, s in train_scans),
+             "test_images": n_test, "pretrain": len(pretrain), "finetune": len(finetune),
+             "finetune_text_only": sum("image" not in r for r in finetune), "text": len(text), "test": len(test),
+             "finetune_closed_yes_no": _closed_balance([r for r in finetune if "image" in r]),
+             "test_closed_yes_no": _closed_balance(test), "bpe_tokens": n_bpe,
+             "test_by_type": {f"{t}/{l}": sum(r["answer_type"] == t and r["lang"] == l for r in test)
+                              for t in ("CLOSED", "OPEN") for l in ("en", "zh")}}
+    _write_readme(root, stats)
+    return stats
+
+
+def _train_records(root: Path, seed: int, n_train: int):
+    """(pretrain, finetune, train_scans): training images are drawn to fit their questions, each
+    image gets VQA conversations and a caption; text-only QA is mixed into finetune."""
     rng, bal = np.random.default_rng([seed, 1]), Balancer()
     pretrain, finetune, train_scans = [], [], []
     for i in range(n_train):
@@ -586,7 +604,7 @@ def _write_demo(root: Path, seed: int, n_train: int, n_test: int) -> dict:
         # memorised per image (finetune sees each record ~7 times) and must be compared
         other = ("zh", "en")[i % 2]
         finetune.append(_llava(f"train_{i:05d}_{other}", name, _conversation(scan, other, rng, bal, None), rng, 0.2))
-    for name, scan in _dicom_images(img_dir, seed):
+    for name, scan in _dicom_images(root / "images", seed):
         name = f"images/{name}"
         lang = ("en", "zh")[len(train_scans) % 2]
         train_scans.append((name, scan))
@@ -599,7 +617,7 @@ def _write_demo(root: Path, seed: int, n_train: int, n_test: int) -> dict:
         finetune.append(_llava(Path(name).stem, name, _conversation(scan, lang, rng, bal, pw), rng, 0.2))
     for i, (name, scan) in enumerate(train_scans):  # captions in the other language than the VQA
         pretrain.append({"id": f"cap_{Path(name).stem}", "image": name, "conversations": [
-            {"from": "human", "value": "<image>\n"},
+            {"from": "human", "value": data.IMAGE_TOKEN + "\n"},
             {"from": "gpt", "value": caption(scan, ("zh", "en")[i % 2], int(rng.integers(2)))}]})
 
     # text-only QA (int ids, mixed into finetune like general data in real mixtures)
@@ -608,9 +626,11 @@ def _write_demo(root: Path, seed: int, n_train: int, n_test: int) -> dict:
         facts = [FACTS[lang][j] for j in rng.choice(len(FACTS[lang]), size=int(rng.integers(1, 3)), replace=False)]
         finetune.append(_llava(k, None, [("fact", q, a) for q, a, _ in facts]))
     order = rng.permutation(len(finetune))
-    finetune = [finetune[j] for j in order]
+    return pretrain, [finetune[j] for j in order], train_scans
 
-    # held-out test: fresh images, one closed and one open question each, balanced by construction
+
+def _test_records(root: Path, seed: int, n_test: int) -> list[dict]:
+    """Held-out test: fresh images, one closed and one open question each, balanced by construction."""
     rng, tbal, test = np.random.default_rng([seed, 3]), Balancer(), []
     n_asked = {}  # per (pattern or "open", lang): cycles the closed wordings and the open patterns
     for j in range(n_test):
@@ -631,8 +651,11 @@ def _write_demo(root: Path, seed: int, n_train: int, n_test: int) -> dict:
             rec.update(question=q, answer=a, answer_type="CLOSED" if pattern in CLOSED else "OPEN", lang=lang,
                        question_type=pattern, modality=MODALITIES[scan.modality]["en"])
             test.append(rec)
+    return test
 
-    # raw text for the text stage: descriptions, facts, and captions followed by questions about them
+
+def _text_lines(seed: int, n_train: int) -> list[str]:
+    """Raw text for the text stage: descriptions, facts, and captions followed by questions about them."""
     rng, tbal, text = np.random.default_rng([seed, 5]), Balancer(), []
     for lang in ("en", "zh"):
         text += DESCRIPTIONS[lang] + [s for _, _, s in FACTS[lang]] + [f"{q} {a}" for q, a, _ in FACTS[lang]]
@@ -643,26 +666,7 @@ def _write_demo(root: Path, seed: int, n_train: int, n_test: int) -> dict:
         qa = _conversation(scan, lang, rng, tbal, int(rng.integers(2)) if rng.random() < 0.5 else None)
         ask_, answer = TEXT_QA[lang]
         text.append("\n".join([caption(scan, lang, int(rng.integers(2)))] + [f"{ask_}{q}\n{answer}{a}" for _, q, a in qa]))
-    text = [text[j] for j in rng.permutation(len(text))]
-
-    _write_json(root / "pretrain.json", pretrain)
-    _write_json(root / "finetune.json", finetune)
-    _write_json(root / "test.json", test)
-    with open(root / "text.jsonl", "w", encoding="utf-8") as f:
-        for k, t in enumerate(text):
-            f.write(json.dumps({"id": f"text_{k:05d}", "text": t}, ensure_ascii=False) + "\n")
-
-    n_bpe = train_tokenizer(tokenizer_corpus(), root / "tokenizer")
-
-    stats = {"train_images": len(train_scans), "dicom_images": sum(s.kind != "synthetic" for _, s in train_scans),
-             "test_images": n_test, "pretrain": len(pretrain), "finetune": len(finetune),
-             "finetune_text_only": sum("image" not in r for r in finetune), "text": len(text), "test": len(test),
-             "finetune_closed_yes_no": _closed_balance([r for r in finetune if "image" in r]),
-             "test_closed_yes_no": _closed_balance(test), "bpe_tokens": n_bpe,
-             "test_by_type": {f"{t}/{l}": sum(r["answer_type"] == t and r["lang"] == l for r in test)
-                              for t in ("CLOSED", "OPEN") for l in ("en", "zh")}}
-    _write_readme(root, stats)
-    return stats
+    return [text[j] for j in rng.permutation(len(text))]
 
 
 def _write_readme(root: Path, st: dict) -> None:
@@ -704,9 +708,11 @@ def _read_marker(root: Path) -> dict | None:
 
 
 def _generator() -> str:
-    """Hash of this file: a demo written by other code is rebuilt, with no version to forget to bump
-    (the output is deterministic, so an edit that changes nothing rewrites the same bytes)."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    """Hash of this file and of the prompt texts it takes from data.py: a demo written by other code
+    is rebuilt, with no version to forget to bump (the output is deterministic, so an edit that
+    changes nothing rewrites the same bytes)."""
+    prompts = "\n".join([data.YES_NO_HINT, data.EVAL_SYSTEM, data.YES_NO_MAYBE_HINT]).encode()
+    return hashlib.sha256(Path(__file__).read_bytes() + prompts).hexdigest()[:16]
 
 
 def _has_pydicom() -> bool:

@@ -11,11 +11,11 @@ The file reads in four parts:
   1. task loaders: each public dataset's own on-disk format -> a list of `Example`s;
   2. scoring: pure functions, MultiMedEval's rules and LLaVA-Med's convention side by side;
   3. generation: prompts sorted by length, left-padded batches, KV cache, images in a DataLoader;
-  4. the CLI: benchmark runs, rescoring of any model's predictions, one question about one image.
+  4. the CLI, in one of three modes that its flags name (`resolve_mode`):
 
-    python eval.py --model runs/finetune/final --task vqa --data demo_data/test.json --out out/eval
-    python eval.py --task vqa-rad --data "VQA_RAD Dataset Public.json" --predictions preds.jsonl
-    python eval.py --model runs/finetune/final --image scan.dcm --question "这张CT有什么异常？"
+    evaluate  python eval.py --model runs/finetune/final --task vqa --data demo_data/test.json --out out/eval
+    rescore   python eval.py --task vqa-rad --data "VQA_RAD Dataset Public.json" --predictions preds.jsonl
+    ask       python eval.py --model runs/finetune/final --image scan.dcm --question "这张CT有什么异常？"
 """
 from __future__ import annotations
 
@@ -56,7 +56,6 @@ class Example:
     answer_type: str | None = None  # the dataset's own CLOSED/OPEN label, where it has one
 
 
-YES_NO_HINT = "Answer the following question with yes or no. "  # MultiMedEval's VQA prefix
 # Chinese closed answers (SLAKE: 是的/不是/有/没有/包含/不包含; the demo: 是/否). Checked longest first.
 ZH_YES = ("是的", "是", "对", "有", "存在", "包含", "可见")
 ZH_NO = ("不是", "不对", "没有", "不存在", "不包含", "未见", "不可见", "否", "无", "不", "没")
@@ -82,7 +81,7 @@ def vqa_example(id, question, gold, image, lang=None, answer_type=None, hint=Tru
     question, gold = str(question).strip(), str(gold).strip()
     lang = lang or detect_lang(question)
     closed = is_closed(gold, lang)
-    prompt = (YES_NO_HINT if hint and closed and lang == "en" else "") + question
+    prompt = (data.YES_NO_HINT if hint and closed and lang == "en" else "") + question
     return Example(id=str(id), question=question, gold=gold, image=image, lang=lang,
                    qtype="closed" if closed else "open", prompt=prompt,
                    answer_type=answer_type.upper() if answer_type else None)
@@ -107,24 +106,6 @@ def choice_example(id, question, options, gold, lang=None, image=None, kind="") 
     prompt = choice_prompt(f"{kind}{question}", options, lang)
     return Example(id=str(id), question=question, gold=gold, image=image, lang=lang, qtype="choice",
                    options=options, prompt=prompt)
-
-
-def read_records(path: Path) -> list:
-    """A JSON document (list or dict) or JSON Lines; errors name the file and line."""
-    text = path.read_text(encoding="utf-8-sig")
-    if path.suffix == ".jsonl":
-        out = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-        return out
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -177,7 +158,7 @@ def load_vqa_rad(path: Path, images=None, split="test", hint=True) -> list[Examp
                 for i, r in enumerate(read_parquet(path))]
     root = _image_root(path, images, "VQA_RAD Image Folder")
     out = []
-    for n, r in enumerate(read_records(path)):
+    for n, r in enumerate(data.read_records(path, bad_lines="raise")):
         where = f"{path} record {n}"
         if split == "test" and not str(_field(r, "phrase_type", where=where)).startswith("test"):
             continue
@@ -192,7 +173,7 @@ def load_slake(path: Path, images=None, hint=True) -> list[Example]:
     """SLAKE `test.json` (English and Chinese questions, `q_lang`), images under `imgs/`."""
     root = _image_root(path, images, "imgs", "../imgs")
     out = []
-    for n, r in enumerate(read_records(path)):
+    for n, r in enumerate(data.read_records(path, bad_lines="raise")):
         where = f"{path} record {n}"
         out.append(vqa_example(_field(r, "qid", "id", where=where), _field(r, "question", where=where),
                                _field(r, "answer", where=where),
@@ -217,7 +198,7 @@ def load_vqa(path: Path, images=None, hint=False) -> list[Example]:
     and an optional `image` relative to --images (default: the file's folder)."""
     root = _image_root(path, images)
     out = []
-    for n, r in enumerate(read_records(path)):
+    for n, r in enumerate(data.read_records(path, bad_lines="raise")):
         where = f"{path} record {n}"
         q, a = r.get("question"), r.get("answer")
         if q is None or a is None:
@@ -259,7 +240,7 @@ def load_medqa(path: Path, images=None) -> list[Example]:
     """MedQA JSONL (US or Mainland): question, options (dict A-E, or bigbio's [{key, value}]),
     answer_idx (or the answer text)."""
     out = []
-    for n, r in enumerate(read_records(path)):
+    for n, r in enumerate(data.read_records(path, bad_lines="raise")):
         where = f"{path} record {n}"
         opts = _field(r, "options", where=where)
         if isinstance(opts, list):
@@ -274,9 +255,10 @@ def load_medqa(path: Path, images=None) -> list[Example]:
 def load_pubmedqa(path: Path, images=None) -> list[Example]:
     """PubMedQA PQA-L `ori_pqal.json` ({PMID: {QUESTION, CONTEXTS, final_decision}}); a
     `test_ground_truth.json` beside it restricts to the 500 test PMIDs and gives their labels."""
-    records = read_records(path)
+    records = data.read_records(path, bad_lines="raise", allow_object=True)
     truth_file = path.parent / "test_ground_truth.json"
-    truth = read_records(truth_file) if truth_file.is_file() and truth_file != path else None
+    truth = (data.read_records(truth_file, bad_lines="raise", allow_object=True)
+             if truth_file.is_file() and truth_file != path else None)
     out = []
     for pmid in (truth if truth is not None else records):
         where = f"{path} entry {pmid}"
@@ -288,7 +270,7 @@ def load_pubmedqa(path: Path, images=None) -> list[Example]:
         q = _field(r, "QUESTION", where=where)
         out.append(Example(id=str(pmid), question=q, gold=str(gold).lower(), lang="en",
                            qtype="yesnomaybe",
-                           prompt=f"Answer the question with yes, no or maybe. {context} {q}"))
+                           prompt=f"{data.YES_NO_MAYBE_HINT} {context} {q}"))
     return out
 
 
@@ -297,9 +279,9 @@ def load_cmb(path: Path, images=None, answers=None) -> list[Example]:
     list of {id, answer}); empty options are dropped."""
     key = {}
     if answers:
-        key = {str(a["id"]): a["answer"] for a in read_records(Path(answers))}
+        key = {str(a["id"]): a["answer"] for a in data.read_records(answers, bad_lines="raise")}
     out = []
-    for n, r in enumerate(read_records(path)):
+    for n, r in enumerate(data.read_records(path, bad_lines="raise")):
         where = f"{path} record {n}"
         id_ = str(r.get("id", n))
         gold = r.get("answer") or key.get(id_)
@@ -664,8 +646,6 @@ def format_table(task: str, summary: dict) -> str:
 # 3. Generation
 # ==============================================================================================
 
-SYSTEM = "Answer the questions."  # the seed's eval prompt (reference §5)
-BLANK_RGB = tuple(int(m * 255) for m in data.CLIP_MEAN)  # (122, 116, 104): normalises to ~0
 
 
 def default_template(tok: data.Tokenizer) -> str:
@@ -699,7 +679,7 @@ class PromptSet(torch.utils.data.Dataset):
             except data.SampleError as e:
                 return {"id": ex.id, "skip": e.reason, "detail": str(e)}
             if self.blank:
-                img = Image.new("RGB", (self.image_size,) * 2, BLANK_RGB)
+                img = Image.new("RGB", (self.image_size,) * 2, data.CLIP_FILL)
             item["pixel_values"] = data.preprocess_image(img, self.image_size, self.pad_to_square)
         return item
 
@@ -716,14 +696,8 @@ def decode_answer(row: list[int], tok, stops) -> str:
     return tok.decode(row[:cut], skip_special_tokens=True).strip()
 
 
-def stop_ids(m, tok) -> list[int]:
-    eos = m.config.llm.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return list(dict.fromkeys(tok.stop_ids + eos))
-
-
 @torch.no_grad()
-def generate_answers(m, tok, examples: list[Example], *, template="llama3", system=SYSTEM,
+def generate_answers(m, tok, examples: list[Example], *, template="llama3", system=data.EVAL_SYSTEM,
                      batch_size=16, max_new_tokens=64, pad_to_square=True, blank_images=False,
                      do_sample=False, temperature=1.0, top_p=1.0, top_k=0, seed=0, num_workers=2,
                      progress=True) -> tuple[dict, dict, float]:
@@ -742,7 +716,7 @@ def generate_answers(m, tok, examples: list[Example], *, template="llama3", syst
         batch_sampler=[order[i:i + batch_size] for i in range(0, len(order), batch_size)],
         collate_fn=functools.partial(_collate, pad_id=tok.pad_id), num_workers=num_workers)
     gen = torch.Generator(device).manual_seed(seed) if do_sample else None
-    stops = stop_ids(m, tok)
+    stops = data.stop_ids(tok, m.config.llm.eos_token_id)
     answers, skipped = {}, {}
     bar = tqdm(total=len(examples), unit="sample", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -784,7 +758,7 @@ class TokenPrinter:
             self.shown = text
 
 
-def ask(m, tok, question: str, image=None, *, template="llama3", system=SYSTEM, pad_to_square=True,
+def ask(m, tok, question: str, image=None, *, template="llama3", system=data.EVAL_SYSTEM, pad_to_square=True,
         max_new_tokens=256, stream=True, **sampling) -> str:
     """One question, with an optional image (path: DICOM, PNG, JPG ...), answer streamed to stdout."""
     device, dtype = m.llm.embed_tokens.weight.device, m.llm.embed_tokens.weight.dtype
@@ -794,7 +768,7 @@ def ask(m, tok, question: str, image=None, *, template="llama3", system=SYSTEM, 
     if image is not None:
         img = data.load_image(image)
         pix = data.preprocess_image(img, m.config.vision.image_size, pad_to_square)[None].to(device, dtype)
-    stops = stop_ids(m, tok)
+    stops = data.stop_ids(tok, m.config.llm.eos_token_id)
     printer = TokenPrinter(tok, stops) if stream else None
     out = m.generate(ids, pix, None, max_new_tokens, stop_token_ids=stops, pad_token_id=tok.pad_id,
                      streamer=printer, **sampling)
@@ -815,7 +789,7 @@ def read_predictions(path) -> tuple[dict[str, str], dict]:
     `skipped` for questions whose image failed: they stay unscored, as in the original run) or
     LLaVA's answer files (`question_id`, `text`)."""
     answers, skipped = {}, {}
-    for n, rec in enumerate(read_records(Path(path)), 1):
+    for n, rec in enumerate(data.read_records(path, bad_lines="raise"), 1):
         qid = rec.get("id", rec.get("question_id"))
         if qid is None:
             raise ValueError(f"{path}:{n}: no `id` (or `question_id`) field")
@@ -869,9 +843,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("prompt and decoding")
     g.add_argument("--template", choices=sorted(data.TEMPLATES), help="default: llama3 if the tokenizer has <|eot_id|>, else llama2")
     g.add_argument("--system", help=f"system prompt (default: as the checkpoint was trained — none for this "
-                                     f"project's checkpoints — else {SYSTEM!r}; '' for none)")
+                                     f"project's checkpoints — else {data.EVAL_SYSTEM!r}; '' for none)")
     g.add_argument("--yes-no-hint", choices=["auto", "on", "off"], default="auto",
-                   help=f"prefix {YES_NO_HINT.strip()!r} to yes/no questions (auto: on for vqa-rad, slake, pathvqa)")
+                   help=f"prefix {data.YES_NO_HINT.strip()!r} to yes/no questions (auto: on for vqa-rad, slake, pathvqa)")
     g.add_argument("--pad-to-square", action=argparse.BooleanOptionalAction, default=None,
                    help="default: as the checkpoint was trained")
     g.add_argument("--blank-images", action="store_true",
@@ -888,13 +862,31 @@ def parse_args(argv=None):
     g.add_argument("--image", help="an image (DICOM, PNG, JPG ...) to ask --question about")
     g.add_argument("--question", help="ask this and stream the answer")
     args = p.parse_args(argv)
-    if args.question is None and args.image is not None:
-        p.error("--image needs --question")
-    if args.question is None and not (args.task and args.data):
-        p.error("give --task and --data (with --model or --predictions), or --question")
-    if args.question is None and not (args.model or args.predictions):
-        p.error("give --model to generate answers, or --predictions to rescore")
+    args.mode = resolve_mode(args, p.error)
     return args
+
+
+def resolve_mode(args, error) -> str:
+    """The one thing this run does, named: "evaluate" (--task --data --model: generate and score),
+    "rescore" (--task --data --predictions: score saved answers, no model) or "ask" (--model
+    --question [--image]: one streamed answer). `error` (argparse's) refuses flags that contradict."""
+    if args.question is not None:
+        clash = [flag for flag, v in (("--task", args.task), ("--data", args.data),
+                                      ("--predictions", args.predictions)) if v]
+        if clash:
+            error(f"--question asks one question and scores nothing: drop {', '.join(clash)}")
+        if not args.model:
+            error("--question needs --model")
+        return "ask"
+    if args.image is not None:
+        error("--image needs --question")
+    if not (args.task and args.data):
+        error("give --task and --data (with --model or --predictions), or --question")
+    if args.model and args.predictions:
+        error("--predictions rescores saved answers and loads no model: drop --model (or --predictions)")
+    if not (args.model or args.predictions):
+        error("give --model to generate answers, or --predictions to rescore")
+    return "rescore" if args.predictions else "evaluate"
 
 
 def load_model(args):
@@ -904,62 +896,84 @@ def load_model(args):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     m = model.from_pretrained(args.model, dtype=dtype, device=device, vision=args.vision)
-    tok_dir = checkpoint.tokenizer_folder(args.model, args.tokenizer)
+    tok_dir = data.tokenizer_folder(args.model, args.tokenizer)
     if not tok_dir.is_dir():
         raise FileNotFoundError(f"tokenizer folder {tok_dir} (found via {args.model}) does not exist; "
                                 f"pass --tokenizer DIR")
     tok = data.load_tokenizer(tok_dir)
-    pad = args.pad_to_square if args.pad_to_square is not None else checkpoint.trained_pad_to_square(args.model)
+    pad = args.pad_to_square if args.pad_to_square is not None else data.trained_pad_to_square(args.model)
     template = args.template or default_template(tok)
-    system = args.system
-    if system is None:
-        system = checkpoint.load_hf_config(args.model).get("train", {}).get("system")
-    if system is None:
-        # Prompts as the model was trained: our stage checkpoints record their run, and train.py
-        # (like Doctor Sun's xtuner configs) uses no system prompt. Any other checkpoint gets the
-        # seed's evaluation prompt (reference §5), where the template has a system block.
-        trained_here = "train" in checkpoint.load_hf_config(args.model)
-        system = SYSTEM if data.TEMPLATES[template].system and not trained_here else ""
-    return m, tok, template, system, pad
+    return m, tok, template, _default_system(args, template), pad
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    if args.question is not None:
-        m, tok, template, system, pad = load_model(args)
-        gen = torch.Generator(m.llm.embed_tokens.weight.device).manual_seed(args.seed) if args.do_sample else None
-        ask(m, tok, args.question, args.image, template=template, system=system, pad_to_square=pad,
-            max_new_tokens=args.max_new_tokens or 256, generator=gen, **sampling)
-        return 0
+def _default_system(args, template) -> str:
+    """--system, else the prompt the checkpoint was trained with: our stage checkpoints record
+    their run, and train.py (like Doctor Sun's xtuner configs) uses none. Any other checkpoint gets
+    Doctor Sun's evaluation prompt, where the template has a system block."""
+    if args.system is not None:
+        return args.system
+    cfg = checkpoint.load_hf_config(args.model)
+    system = cfg.get("train", {}).get("system")
+    if system is not None:
+        return system
+    return data.EVAL_SYSTEM if data.TEMPLATES[template].system and "train" not in cfg else ""
 
+
+def _sampling(args) -> dict:
+    return dict(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+
+
+def run_ask(args) -> int:
+    """--question [--image]: stream one answer."""
+    m, tok, template, system, pad = load_model(args)
+    gen = torch.Generator(m.llm.embed_tokens.weight.device).manual_seed(args.seed) if args.do_sample else None
+    ask(m, tok, args.question, args.image, template=template, system=system, pad_to_square=pad,
+        max_new_tokens=args.max_new_tokens or 256, generator=gen, **_sampling(args))
+    return 0
+
+
+def _task_examples(args) -> list[Example]:
     hint = {"auto": None, "on": True, "off": False}[args.yes_no_hint]
-    examples = load_task(args.task, args.data, args.images, lang=args.lang, limit=args.limit, hint=hint,
-                         answers=args.answers, split=args.split)
-    settings = {"task": args.task, "data": str(args.data), "n_questions": len(examples)}
-    if args.predictions:
-        answers, skipped = read_predictions(args.predictions)
-        missing = [e.id for e in examples if e.id not in answers and e.id not in skipped]
-        if missing:  # scored as empty answers (wrong), never silently left out
-            print(f"warning: {len(missing)} questions have no prediction in {args.predictions} "
-                  f"(e.g. {missing[:3]}); they count as empty answers", file=sys.stderr)
-        settings.update(predictions=str(args.predictions), missing_predictions=len(missing))
-    else:
-        m, tok, template, system, pad = load_model(args)
-        max_new = args.max_new_tokens or (256 if args.task == "caption" else 64)
-        answers, skipped, seconds = generate_answers(
-            m, tok, examples, template=template, system=system, batch_size=args.batch_size,
-            max_new_tokens=max_new, pad_to_square=pad, blank_images=args.blank_images, seed=args.seed,
-            num_workers=args.workers, **sampling)
-        for qid, (reason, detail) in list(skipped.items())[:10]:
-            print(f"skipped {qid}: {detail}", file=sys.stderr)
-        settings.update(model=str(args.model), template=template, system=system or None,
-                        pad_to_square=pad, blank_images=args.blank_images, max_new_tokens=max_new,
-                        batch_size=args.batch_size, dtype=str(m.llm.embed_tokens.weight.dtype),
-                        decoding="sample" if args.do_sample else "greedy", seconds=round(seconds, 2),
-                        samples_per_s=round(len(examples) / max(seconds, 1e-9), 3))
-        if args.do_sample:
-            settings.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    return load_task(args.task, args.data, args.images, lang=args.lang, limit=args.limit, hint=hint,
+                     answers=args.answers, split=args.split)
+
+
+def run_rescore(args) -> int:
+    """--predictions: score saved answers (ours or LLaVA's answer files) without a model."""
+    examples = _task_examples(args)
+    answers, skipped = read_predictions(args.predictions)
+    missing = [e.id for e in examples if e.id not in answers and e.id not in skipped]
+    if missing:  # scored as empty answers (wrong), never silently left out
+        print(f"warning: {len(missing)} questions have no prediction in {args.predictions} "
+              f"(e.g. {missing[:3]}); they count as empty answers", file=sys.stderr)
+    settings = {"task": args.task, "data": str(args.data), "n_questions": len(examples),
+                "predictions": str(args.predictions), "missing_predictions": len(missing)}
+    return _report(args, examples, answers, skipped, settings)
+
+
+def run_evaluate(args) -> int:
+    """--model: generate an answer to every question, then score."""
+    examples = _task_examples(args)
+    m, tok, template, system, pad = load_model(args)
+    max_new = args.max_new_tokens or (256 if args.task == "caption" else 64)
+    answers, skipped, seconds = generate_answers(
+        m, tok, examples, template=template, system=system, batch_size=args.batch_size,
+        max_new_tokens=max_new, pad_to_square=pad, blank_images=args.blank_images, seed=args.seed,
+        num_workers=args.workers, **_sampling(args))
+    for qid, (reason, detail) in list(skipped.items())[:10]:
+        print(f"skipped {qid}: {detail}", file=sys.stderr)
+    settings = {"task": args.task, "data": str(args.data), "n_questions": len(examples),
+                "model": str(args.model), "template": template, "system": system or None,
+                "pad_to_square": pad, "blank_images": args.blank_images, "max_new_tokens": max_new,
+                "batch_size": args.batch_size, "dtype": str(m.llm.embed_tokens.weight.dtype),
+                "decoding": "sample" if args.do_sample else "greedy", "seconds": round(seconds, 2),
+                "samples_per_s": round(len(examples) / max(seconds, 1e-9), 3)}
+    if args.do_sample:
+        settings.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    return _report(args, examples, answers, skipped, settings)
+
+
+def _report(args, examples, answers, skipped, settings) -> int:
     summary = write_outputs(args.out, args.task, examples, answers, skipped, settings)
     print(format_table(args.task, summary))
     if "skipped" in summary:
@@ -967,6 +981,14 @@ def main(argv=None) -> int:
     if args.out:
         print(f"wrote {Path(args.out) / 'predictions.jsonl'} and {Path(args.out) / 'summary.json'}")
     return 0
+
+
+MODES = {"evaluate": run_evaluate, "rescore": run_rescore, "ask": run_ask}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return MODES[args.mode](args)
 
 
 if __name__ == "__main__":

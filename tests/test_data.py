@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -301,6 +302,32 @@ def test_tokenizer_metadata_and_plain_text_encoding(tok3, sp_dir):
     assert sp.decode([1] + sp.encode(" 是的 </s>") + [2], skip_special_tokens=False) == "<s>是的 </s></s>"
 
 
+def test_stop_ids_tokenizer_first_then_config_eos(tok3):
+    eot, end = tok3.token_to_id("<|eot_id|>"), tok3.token_to_id("<|end_of_text|>")
+    assert data.stop_ids(tok3, None) == tok3.stop_ids
+    assert data.stop_ids(tok3, eot) == tok3.stop_ids  # duplicates dropped
+    assert data.stop_ids(tok3, [7, end, 5]) == tok3.stop_ids + [7, 5]  # order kept: tokenizer's, then config's
+
+
+def test_checkpoint_metadata(tmp_path):
+    """How a checkpoint's inputs were prepared: its tokenizer folder and image padding."""
+    def folder(name, cfg):
+        (tmp_path / name).mkdir()
+        write_json(tmp_path / name / "config.json", cfg)
+        return tmp_path / name
+
+    base = folder("base", {"train": {"tokenizer": "tok", "stage": "pretrain"}})
+    child = folder("child", {"stage": "finetune", "base": {"init": str(base)}})
+    hf = folder("hf", {"image_aspect_ratio": "square", "stage": "finetune"})
+    assert data.tokenizer_folder(child) == base / "tok"  # followed up base.init, relative to its folder
+    assert data.tokenizer_folder(child, "/x/tok") == Path("/x/tok")  # --tokenizer wins
+    assert data.tokenizer_folder(hf) == hf  # llava-hf / LLaVA folders ship their own
+    assert not data.trained_pad_to_square(base) and data.trained_pad_to_square(child)
+    assert not data.trained_pad_to_square(hf)  # image_aspect_ratio wins over the stage
+    assert not data.trained_pad_to_square(folder("np", {"stage": "finetune", "train": {"pad_to_square": False}}))
+    assert data.trained_pad_to_square(folder("plain", {}))
+
+
 def test_llama3_layout_and_labels_with_image_and_system(tok3):
     record = [{"from": "gpt", "value": "dropped: answers nothing"},  # leading gpt turn
               {"from": "human", "value": "What is shown?\n<image>"},  # <image> moves to the front
@@ -522,6 +549,21 @@ def test_malformed_files(tok3, tmp_path):
     text = data.SupervisedDataset(str(jsonl), tok3, template="text", num_image_tokens=4)
     assert text[0]["skip"] == "malformed_record"  # a conversation record under the text template
     assert text[2]["labels"].tolist() == [IGNORE_INDEX] + text[2]["input_ids"].tolist()[1:]
+
+
+def test_read_records_for_benchmarks(tmp_path):
+    """Benchmarks read strictly (a broken line is an error naming file:line), may hold one JSON
+    object (PubMedQA), and may start with a byte-order mark."""
+    jsonl = tmp_path / "q.jsonl"
+    jsonl.write_text('{"id": 1}\n\n{oops\n')
+    assert isinstance(data.read_records(jsonl)[1], data._BadLine)
+    with pytest.raises(ValueError, match=r"q\.jsonl:3: not valid JSON"):
+        data.read_records(jsonl, bad_lines="raise")
+    obj = tmp_path / "pqal.json"
+    obj.write_text('\ufeff{"123": {"QUESTION": "q"}}', encoding="utf-8")
+    assert data.read_records(obj, allow_object=True) == {"123": {"QUESTION": "q"}}
+    with pytest.raises(ValueError, match="expected a JSON list"):
+        data.read_records(obj)
 
 
 def test_parse_data_spec_and_mixing_ratios(tok3, tmp_path):

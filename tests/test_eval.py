@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint
 import clip
 import data
 import demo
@@ -150,7 +149,7 @@ def test_chinese_questions():
 
 
 def test_yes_no_hint_follows_multimedeval():
-    assert vqa("Yes").prompt == E.YES_NO_HINT + "question?"
+    assert vqa("Yes").prompt == data.YES_NO_HINT + "question?"
     assert vqa("left").prompt == "question?"
     assert E.vqa_example("q", "Is it?", "no", None, "en", hint=False).prompt == "Is it?"
 
@@ -262,7 +261,7 @@ def test_load_vqa_rad_json(tmp_path):
     (tmp_path / "VQA_RAD Image Folder").mkdir()
     exs = E.load_task("vqa-rad", f)
     assert [e.id for e in exs] == ["1", "2"]  # the train record is left out
-    assert exs[0].qtype == "closed" and exs[0].prompt == E.YES_NO_HINT + "Is there a mass?"
+    assert exs[0].qtype == "closed" and exs[0].prompt == data.YES_NO_HINT + "Is there a mass?"
     assert exs[1].qtype == "open" and exs[1].answer_type == "CLOSED"  # CLOSED label, not yes/no
     assert exs[0].image == str(tmp_path / "VQA_RAD Image Folder" / "synpic1.jpg")
     assert len(E.load_task("vqa-rad", f, split="all")) == 3
@@ -304,7 +303,7 @@ def test_load_pathvqa_json_export(tmp_path):
     f.write_text('{"id": "a", "question": "is this tissue?", "answer": "yes", "image": "i.png"}\n'
                  '{"id": "b", "question": "what stain?", "answer": "h&e", "image": "j.png"}\n')
     exs = E.load_task("pathvqa", f)
-    assert [e.qtype for e in exs] == ["closed", "open"] and exs[0].prompt.startswith(E.YES_NO_HINT)
+    assert [e.qtype for e in exs] == ["closed", "open"] and exs[0].prompt.startswith(data.YES_NO_HINT)
 
 
 def test_load_pmc_vqa_csv(tmp_path):
@@ -426,7 +425,7 @@ def tiny(tmp_path_factory):
     ckpt = root / "ckpt"
     model.save_pretrained(m, ckpt, extra={"tokenizer": str(demo_dir / "tokenizer"), "stage": "finetune"})
     m = model.from_pretrained(ckpt)
-    tok = data.load_tokenizer(checkpoint.tokenizer_folder(ckpt))
+    tok = data.load_tokenizer(data.tokenizer_folder(ckpt))
     return {"root": root, "ckpt": ckpt, "model": m, "tok": tok}
 
 
@@ -491,7 +490,7 @@ def test_end_to_end(tiny, tmp_path, capsys):
     assert (s["n"], s["n_closed"], s["n_open"]) == (16, 9, 7)
     assert s["by_lang"]["en"]["n"] == 10 and s["by_lang"]["zh"]["n"] == 6
     assert s["by_answer_type"]["CLOSED"]["n"] == 9 and s["llava_med"]["n_closed"] == 9
-    assert s["settings"]["system"] == E.SYSTEM and s["settings"]["decoding"] == "greedy"
+    assert s["settings"]["system"] == data.EVAL_SYSTEM and s["settings"]["decoding"] == "greedy"
     assert s["settings"]["pad_to_square"] is True and s["settings"]["samples_per_s"] > 0
     assert "closed_accuracy" in capsys.readouterr().out
 
@@ -532,6 +531,31 @@ def test_rescoring_without_a_model(tmp_path):
     llava_file = tmp_path / "llava.jsonl"
     llava_file.write_text(json.dumps({"question_id": "0_0", "text": "yes"}))
     assert E.read_predictions(llava_file) == ({"0_0": "yes"}, {})
+
+
+@pytest.mark.parametrize("argv, mode", [
+    (["--task", "vqa", "--data", "t.json", "--model", "m"], "evaluate"),
+    (["--task", "vqa", "--data", "t.json", "--predictions", "p.jsonl"], "rescore"),
+    (["--model", "m", "--question", "q?"], "ask"),
+    (["--model", "m", "--image", "x.png", "--question", "q?"], "ask"),
+])
+def test_cli_modes(argv, mode):
+    assert E.parse_args(argv).mode == mode
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "m", "--question", "q?", "--task", "vqa", "--data", "t.json"], "drop --task, --data"),
+    (["--model", "m", "--question", "q?", "--predictions", "p.jsonl"], "drop --predictions"),
+    (["--question", "q?"], "--question needs --model"),
+    (["--model", "m", "--image", "x.png"], "--image needs --question"),
+    (["--model", "m", "--task", "vqa"], "give --task and --data"),
+    (["--task", "vqa", "--data", "t.json", "--model", "m", "--predictions", "p.jsonl"], "drop --model"),
+    (["--task", "vqa", "--data", "t.json"], "give --model to generate answers, or --predictions"),
+])
+def test_cli_refuses_contradictory_flags(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        E.parse_args(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_single_image_mode_streams(tiny, tmp_path, capsys):
