@@ -72,7 +72,7 @@ def parse_size(s: str) -> int:
 
 def find_tokenizer(ckpt: Path, explicit: str | None) -> Path:
     """--tokenizer, else the checkpoint's recorded tokenizer (eval.py's rule), else the folder."""
-    folder = checkpoint.tokenizer_folder(ckpt, explicit)
+    folder = data.tokenizer_folder(ckpt, explicit)
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         how = "given by --tokenizer" if explicit else f"found for {ckpt}"
         raise FileNotFoundError(f"no tokenizer (tokenizer.json or tokenizer.model) in {folder}, the folder "
@@ -86,11 +86,9 @@ def copy_tokenizer(src: Path, out: Path) -> None:
             shutil.copy2(src / f, out / f)
 
 
-def stop_ids(tok_dir: Path, m: model.DoctorSun) -> list[int]:
-    """The tokenizer's chat stop tokens plus the LLM config's eos ids (Llama-3 Instruct lists several)."""
-    eos = m.config.llm.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return sorted(set(data.load_tokenizer(tok_dir).stop_ids) | set(eos))
+def generation_eos(tok_dir: Path, m: model.DoctorSun) -> list[int]:
+    """generation_config's eos ids: every id that ends an answer (data.stop_ids), sorted."""
+    return sorted(data.stop_ids(data.load_tokenizer(tok_dir), m.config.llm.eos_token_id))
 
 
 def image_processor_config(c: clip.ClipConfig, pad_to_square: bool) -> dict:
@@ -171,7 +169,7 @@ def to_llava_hf(m: model.DoctorSun, tok_dir: Path, out: Path, *, dtype: torch.dt
     write_json(out / "config.json", formats.llava_hf_config_json(
         vis, llm, image_token_id=image_id, pad_token_id=pad_id, num_image_tokens=m.num_image_tokens, dtype=dtype))
     write_json(out / "generation_config.json", {"bos_token_id": llm.bos_token_id, "pad_token_id": pad_id,
-                                                "eos_token_id": stop_ids(tok_dir, m), "do_sample": False})
+                                                "eos_token_id": generation_eos(tok_dir, m), "do_sample": False})
 
     # Tokenizer: the edited tokenizer.json; tokenizer_config.json keeps the source's other settings.
     tok.save(str(out / "tokenizer.json"))
@@ -231,7 +229,7 @@ def to_llava(m: model.DoctorSun, tok_dir: Path, out: Path, final_out: Path, *, d
     write_json(out / "config.json", formats.llava_config_json(
         vis, llm, projector_type=m.config.projector_type, tower=tower, pad_to_square=pad_to_square, dtype=dtype))
     write_json(out / "generation_config.json", {"bos_token_id": llm.bos_token_id,
-                                                "eos_token_id": stop_ids(tok_dir, m), "do_sample": False})
+                                                "eos_token_id": generation_eos(tok_dir, m), "do_sample": False})
     copy_tokenizer(tok_dir, out)  # unchanged: the placeholder is -200, outside the vocabulary
     write_json(out / "preprocessor_config.json", processor)
     return {"mm_vision_tower": tower}
@@ -264,7 +262,7 @@ def _convert_into(args: argparse.Namespace, tmp: Path, out: Path) -> dict:
         model.detect_format(src)  # an unknown layout is the first thing to report
         tok_dir = find_tokenizer(src, args.tokenizer)
         square = (args.image_aspect_ratio == "pad" if args.image_aspect_ratio
-                  else checkpoint.trained_pad_to_square(src))  # as trained
+                  else data.trained_pad_to_square(src))  # as trained
         m = model.from_pretrained(src, dtype=dtype)  # LoRA merged on load
         if args.to == "llava-hf":
             return to_llava_hf(m, tok_dir, tmp, dtype=dtype, pad_vocab_to=args.pad_vocab_to,

@@ -176,7 +176,7 @@ def test_llava_hf_matches_transformers(tmp_path, tok_dir, with_lora):
 
     new = hf.generate(**enc, max_new_tokens=12, do_sample=False)[0, x.shape[1]:].tolist()
     mine = ref.generate(x, pixel_values=enc["pixel_values"], max_new_tokens=12,
-                        stop_token_ids=convert.stop_ids(tok_dir, ref))[0].tolist()
+                        stop_token_ids=convert.generation_eos(tok_dir, ref))[0].tolist()
     assert new == mine, (new, mine)
     print(f"greedy generate: {len(new)} tokens, identical")
 
