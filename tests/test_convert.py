@@ -18,16 +18,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import checkpoint
+import clip
+import convert
+import data
+import demo
+import llama
+import lora
+import model
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-import checkpoint  # noqa: E402
-import clip  # noqa: E402
-import convert  # noqa: E402
-import data  # noqa: E402
-import demo  # noqa: E402
-import llama  # noqa: E402
-import lora  # noqa: E402
-import model  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 QUESTION = "Is there a lesion in this image?"

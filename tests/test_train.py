@@ -1,4 +1,4 @@
-"""Tests for train.py (issue 4): data parallel == one process, ZeRO-3 == ZeRO-0, stage rules, exact
+"""Tests for train.py: data parallel == one process, ZeRO-3 == ZeRO-0, stage rules, exact
 resume, the loss normalisation, the dry run, and the README's `python train.py --stage pretrain`.
 
 Runs go through the real entry points: `python train.py` / `torchrun --nproc_per_node 2 train.py`
@@ -19,12 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
+import demo
+import model
+import train
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-import data  # noqa: E402
-import demo  # noqa: E402
-import model  # noqa: E402
-import train  # noqa: E402
 
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
             "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
