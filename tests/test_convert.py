@@ -26,6 +26,7 @@ import demo
 import llama
 import lora
 import model
+from conftest import tiny_model_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,15 +46,12 @@ def tok_dir(tmp_path_factory):
 
 
 def tiny_config(tok, tie=False) -> model.ModelConfig:
-    vision = clip.ClipConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                             num_attention_heads=2, intermediate_size=64)
-    llm = llama.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, intermediate_size=64, rope_theta=500000.0,
-                            max_position_embeddings=2048, tie_word_embeddings=tie,
-                            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-                            bos_token_id=tok.bos_id, eos_token_id=tok.stop_ids)
-    return model.ModelConfig(vision=vision, llm=llm)
+    """The shared tiny sizes with Llama-3.1 rope scaling and the tokenizer's special ids."""
+    return tiny_model_config(tok.vocab_size, rope_theta=500000.0, max_position_embeddings=2048,
+                             tie_word_embeddings=tie,
+                             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                             bos_token_id=tok.bos_id, eos_token_id=tok.stop_ids)
 
 
 def save_ours(folder, tok_dir, *, tie=False, with_lora=False, seed=0):

@@ -15,12 +15,11 @@ import torch
 from PIL import Image
 
 import checkpoint
-import clip
 import data
 import demo
 import eval as E
-import llama
 import model
+from conftest import tiny_model_config
 
 # ---------------------------------------------------------------------------------------------
 # Scoring: the normaliser
@@ -413,12 +412,7 @@ def tiny(tmp_path_factory):
     """A tiny random checkpoint in our format, with the demo tokenizer recorded in its config."""
     root = tmp_path_factory.mktemp("eval")
     demo_dir = demo.build(root / "demo", n_train_images=2, n_test_images=2)
-    cfg = model.ModelConfig(
-        vision=clip.ClipConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                               num_attention_heads=2, intermediate_size=64),
-        llm=llama.LlamaConfig(vocab_size=2048, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, intermediate_size=64))
-    m = model.build(cfg, seed=0)
+    m = model.build(tiny_model_config(2048), seed=0)
     with torch.no_grad():  # random init gives nearly flat logits; scale up so greedy choices are decisive
         for p in m.parameters():
             if p.dim() > 1:

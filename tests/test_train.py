@@ -23,6 +23,7 @@ import data
 import demo
 import model
 import train
+from conftest import TINY_LLM, TINY_VISION
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -64,10 +65,8 @@ def parts(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("parts")
     torch.manual_seed(0)
-    CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64)).save_pretrained(root / "clip")
-    LlamaForCausalLM(LlamaConfig(vocab_size=2048, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, intermediate_size=64)).save_pretrained(root / "llama")
+    CLIPVisionModel(CLIPVisionConfig(**TINY_VISION)).save_pretrained(root / "clip")
+    LlamaForCausalLM(LlamaConfig(vocab_size=2048, **TINY_LLM)).save_pretrained(root / "llama")
     d = demo.build(root / "demo", n_train_images=24, n_test_images=2)
     return {"clip": root / "clip", "llama": root / "llama", "demo": d, "tok": d / "tokenizer", "root": root}
 
