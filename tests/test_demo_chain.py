@@ -35,6 +35,7 @@ import demo
 import eval as ev
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # ~8 minutes; `pytest -m "not slow"` skips it
 
 transformers = pytest.importorskip("transformers")
 

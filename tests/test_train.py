@@ -362,6 +362,7 @@ def test_bad_configs_are_refused(parts, tmp_path):
 
 # ---- the README command -------------------------------------------------------------------------
 
+@pytest.mark.slow  # ~3 minutes: trains the demo's text and pretrain stages
 def test_default_pretrain_command_builds_the_chain_and_learns(tmp_path):
     """`python train.py --stage pretrain`, exactly as a user types it, in an empty folder: the demo
     LLM does not exist yet, so the text stage runs first; both losses fall."""
