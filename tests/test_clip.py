@@ -6,18 +6,15 @@ error: bf16 keeps 8 mantissa bits (~4e-3 relative per rounding), accumulated thr
 stream; measured 5-6e-2 max abs on activations up to ~6.5, the same as HF bf16."""
 import copy
 import json
-import os
 import re
-import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, LlavaConfig
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import checkpoint  # noqa: E402
-import clip  # noqa: E402
+import checkpoint
+import clip
 
 # 28 px / patch 7 -> 16 patches + CLS = 17 tokens (odd); 3 layers so "-2" is not the last one.
 TINY_HF = dict(image_size=28, patch_size=7, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,

@@ -18,16 +18,17 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import checkpoint
+import clip
+import convert
+import data
+import demo
+import llama
+import lora
+import model
+from conftest import TINY_LLM, TINY_VISION, tiny_model_config
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-import checkpoint  # noqa: E402
-import clip  # noqa: E402
-import convert  # noqa: E402
-import data  # noqa: E402
-import demo  # noqa: E402
-import llama  # noqa: E402
-import lora  # noqa: E402
-import model  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 QUESTION = "Is there a lesion in this image?"
@@ -45,15 +46,12 @@ def tok_dir(tmp_path_factory):
 
 
 def tiny_config(tok, tie=False) -> model.ModelConfig:
-    vision = clip.ClipConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                             num_attention_heads=2, intermediate_size=64)
-    llm = llama.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, intermediate_size=64, rope_theta=500000.0,
-                            max_position_embeddings=2048, tie_word_embeddings=tie,
-                            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-                            bos_token_id=tok.bos_id, eos_token_id=tok.stop_ids)
-    return model.ModelConfig(vision=vision, llm=llm)
+    """The shared tiny sizes with Llama-3.1 rope scaling and the tokenizer's special ids."""
+    return tiny_model_config(tok.vocab_size, rope_theta=500000.0, max_position_embeddings=2048,
+                             tie_word_embeddings=tie,
+                             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                             bos_token_id=tok.bos_id, eos_token_id=tok.stop_ids)
 
 
 def save_ours(folder, tok_dir, *, tie=False, with_lora=False, seed=0):
@@ -338,10 +336,8 @@ def _peft_lora(hf_module, targets, folder, seed, rename=None):
 @pytest.mark.parametrize("llm_form", ["llm", "llm_adapter"])
 def test_xtuner_import(tmp_path, llm_form):
     torch.manual_seed(0)
-    vcfg = transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, intermediate_size=64)
-    tcfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=2, intermediate_size=64)
+    vcfg = transformers.CLIPVisionConfig(**TINY_VISION)
+    tcfg = transformers.LlamaConfig(vocab_size=300, **TINY_LLM)
     vit_hf = transformers.CLIPVisionModel(vcfg)
     vit_hf.save_pretrained(tmp_path / "clip")
     llm_hf = transformers.LlamaForCausalLM(tcfg)

@@ -283,7 +283,7 @@ def test_tokenizer_loads_in_transformers(built):
     text = tok.apply_chat_template([{"role": "user", "content": "<image>\n图像中有病灶吗？"},
                                     {"role": "assistant", "content": "是"}], tokenize=False)
     assert text == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<image>\n图像中有病灶吗？<|eot_id|>"
-                    "<|start_header_id|>assistant<|end_header_id|>\n\n是<|eot_id|>")  # reference §3 layout
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n是<|eot_id|>")  # Llama-3 chat layout, <image> first
 
 
 def test_train_tokenizer_on_a_tiny_corpus(tmp_path):

@@ -1,4 +1,4 @@
-"""Issue 7: the README's demo chain end to end, run as a user runs it, then checked by transformers.
+"""The README's demo chain end to end, run as a user runs it, then checked by transformers.
 
     python train.py --stage pretrain     (runs the text stage first)
     python train.py --stage finetune
@@ -30,11 +30,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
+import demo
+import eval as ev
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-import data  # noqa: E402
-import demo  # noqa: E402
-import eval as ev  # noqa: E402
+pytestmark = pytest.mark.slow  # ~8 minutes; `pytest -m "not slow"` skips it
 
 transformers = pytest.importorskip("transformers")
 

@@ -14,12 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-import clip
 import data
 import demo
 import eval as E
-import llama
 import model
+from conftest import TINY_LLM, TINY_VISION, tiny_model_config
 
 # ---------------------------------------------------------------------------------------------
 # Scoring: the normaliser
@@ -412,12 +411,7 @@ def tiny(tmp_path_factory):
     """A tiny random checkpoint in our format, with the demo tokenizer recorded in its config."""
     root = tmp_path_factory.mktemp("eval")
     demo_dir = demo.build(root / "demo", n_train_images=2, n_test_images=2)
-    cfg = model.ModelConfig(
-        vision=clip.ClipConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                               num_attention_heads=2, intermediate_size=64),
-        llm=llama.LlamaConfig(vocab_size=2048, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, intermediate_size=64))
-    m = model.build(cfg, seed=0)
+    m = model.build(tiny_model_config(2048), seed=0)
     with torch.no_grad():  # random init gives nearly flat logits; scale up so greedy choices are decisive
         for p in m.parameters():
             if p.dim() > 1:
@@ -579,11 +573,8 @@ def test_llava_hf_folder(tiny, tmp_path):
     import transformers
 
     cfg = transformers.LlavaConfig(
-        vision_config=transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32,
-                                                    intermediate_size=64, num_hidden_layers=2,
-                                                    num_attention_heads=2),
-        text_config=transformers.LlamaConfig(vocab_size=2050, hidden_size=32, intermediate_size=64,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        vision_config=transformers.CLIPVisionConfig(**TINY_VISION),
+        text_config=transformers.LlamaConfig(vocab_size=2050, **TINY_LLM),
         image_token_index=2048, vision_feature_layer=-2, image_seq_length=16)
     torch.manual_seed(0)
     transformers.LlavaForConditionalGeneration(cfg).save_pretrained(tmp_path / "hf")

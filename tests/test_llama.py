@@ -7,18 +7,15 @@ ulp is 0.03: SDPA vs HF's eager attention rounds differently). KV-cache vs full 
 """
 import json
 import math
-import os
 import re
-import sys
 
 import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import llama  # noqa: E402
-from llama import Llama, LlamaConfig, from_pretrained  # noqa: E402
+import llama
+from llama import Llama, LlamaConfig, from_pretrained
 
 FP32_TOL = 1e-4
 BF16_TOL = 1e-1

@@ -5,16 +5,13 @@ unmerged fp32 <= 1e-5 (W x + s B A x vs (W + s B A) x re-associates the sums); b
 unmerged <= 3e-2 (the merged weight is rounded to bf16 once, ~2^-8 relative).
 """
 import copy
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import lora  # noqa: E402
-from lora import LoRAConfig, LoRALinear  # noqa: E402
+import lora
+from lora import LoRAConfig, LoRALinear
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

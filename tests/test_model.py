@@ -11,7 +11,6 @@ import torch
 import transformers
 
 import checkpoint
-import clip
 import data
 import llama
 import lora
@@ -220,7 +219,7 @@ def test_tied_embeddings_llava(tmp_path):
 
 
 def original_llava_folder(hf, path, out):
-    """Write the original LLaVA layout (reference §4) by hand from the HF model's tensors."""
+    """Write the original LLaVA layout (LlavaLlamaForCausalLM names) by hand from the HF model's tensors."""
     sd = {}
     for k, v in hf.state_dict().items():
         k = (k.replace("model.language_model.", "model.")

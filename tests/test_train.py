@@ -1,4 +1,4 @@
-"""Tests for train.py (issue 4): data parallel == one process, ZeRO-3 == ZeRO-0, stage rules, exact
+"""Tests for train.py: data parallel == one process, ZeRO-3 == ZeRO-0, stage rules, exact
 resume, the loss normalisation, the dry run, and the README's `python train.py --stage pretrain`.
 
 Runs go through the real entry points: `python train.py` / `torchrun --nproc_per_node 2 train.py`
@@ -19,12 +19,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
+import demo
+import model
+import train
+from conftest import TINY_LLM, TINY_VISION
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-import data  # noqa: E402
-import demo  # noqa: E402
-import model  # noqa: E402
-import train  # noqa: E402
 
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
             "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
@@ -64,10 +65,8 @@ def parts(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("parts")
     torch.manual_seed(0)
-    CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64)).save_pretrained(root / "clip")
-    LlamaForCausalLM(LlamaConfig(vocab_size=2048, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, intermediate_size=64)).save_pretrained(root / "llama")
+    CLIPVisionModel(CLIPVisionConfig(**TINY_VISION)).save_pretrained(root / "clip")
+    LlamaForCausalLM(LlamaConfig(vocab_size=2048, **TINY_LLM)).save_pretrained(root / "llama")
     d = demo.build(root / "demo", n_train_images=24, n_test_images=2)
     return {"clip": root / "clip", "llama": root / "llama", "demo": d, "tok": d / "tokenizer", "root": root}
 
@@ -363,6 +362,7 @@ def test_bad_configs_are_refused(parts, tmp_path):
 
 # ---- the README command -------------------------------------------------------------------------
 
+@pytest.mark.slow  # ~3 minutes: trains the demo's text and pretrain stages
 def test_default_pretrain_command_builds_the_chain_and_learns(tmp_path):
     """`python train.py --stage pretrain`, exactly as a user types it, in an empty folder: the demo
     LLM does not exist yet, so the text stage runs first; both losses fall."""
