@@ -21,9 +21,9 @@ are the upstream settings for GPUs (bf16, overlap_comm); configs/zero{0,2,3}_cpu
 in fp32 (fp16 does not work there). The optimizer is always a client `torch.optim.AdamW`, so
 DeepSpeed compiles no optimizer op; batch sizes and clipping come from the command line.
 
-The loss (torchtitan's rule): the summed cross-entropy over supervised tokens
-divided by the number of supervised tokens of the whole global batch (every micro-batch of the step
-on every rank), counted before the first forward of the step. Each micro-batch backpropagates
+The loss (torchtitan's rule): the summed cross-entropy over supervised tokens divided by the
+number of supervised tokens of the whole global batch (every micro-batch of the step on every
+rank), counted before the first forward of the step. Each micro-batch backpropagates
 loss_sum / global_count * world_size with `scale_wrt_gas=False`: DeepSpeed sums gradients over
 micro-batches when not told to scale and averages them over ranks (checked in tests/test_train.py).
 
@@ -68,8 +68,9 @@ ROOT = Path(__file__).resolve().parent
 
 # ---- stages -------------------------------------------------------------------------------------
 # What trains in each stage (Doctor Sun's recipe: continued pretraining of the LLM on text, then
-# LLaVA-1.5's feature alignment and instruction tuning). Everything not listed is frozen (requires_grad=False); `vision_lora` is the default
-# LoRA rank on every ViT linear layer (0: none); `parent` is the stage whose checkpoint this one starts from.
+# LLaVA-1.5's feature alignment and instruction tuning). Everything not listed is frozen
+# (requires_grad=False); `vision_lora` is the default LoRA rank on every ViT linear layer (0: none);
+# `parent` is the stage whose checkpoint this one starts from.
 STAGES = {
     "text": dict(train=("llm",), template="text", pad_to_square=False, vision_lora=0, parent=None,
                  demo_data="text.jsonl"),
@@ -79,8 +80,8 @@ STAGES = {
                      parent="pretrain", demo_data="finetune.json"),
 }
 # Hyper-parameters for real models: Doctor Sun's xtuner configs (1 epoch, global batch 16, max
-# 4096 tokens = 3520 text + 576 image positions). The text stage ran outside xtuner;
-# it gets the finetune settings of a full-LLM run. LLM LoRA uses upstream's lr 2e-4.
+# 4096 tokens = 3520 text + 576 image positions). The text stage ran outside xtuner; it gets the
+# finetune settings of a full-LLM run. LLM LoRA uses LLaVA-1.5's lr 2e-4 (scripts/v1_5/finetune_lora.sh).
 HPARAMS = {
     "text": dict(lr=2e-5, global_batch=16, micro_batch=1, max_length=4096, epochs=1.0, max_steps=0),
     "pretrain": dict(lr=1e-3, global_batch=16, micro_batch=1, max_length=4096, epochs=1.0, max_steps=0),
@@ -145,8 +146,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One stage's run, resolved once from the CLI and the tables, never changed afterwards; every
-    checkpoint records it (config.json "train"). Field names are the CLI flags'."""
+    """One stage's run: the CLI flags with every default filled in from the tables, resolved once
+    and never changed afterwards. Every checkpoint records it (config.json "train")."""
     stage: str
     model_preset: str
     vision: str | None                  # HF CLIP folder, as given
@@ -212,17 +213,22 @@ def resolve(args: argparse.Namespace, parent: RunConfig | None = None) -> RunCon
 
 
 def find_parent(args) -> str | None:
-    """A stage continues from the previous one's output, found where that stage writes it."""
-    parent = STAGES[args.stage]["parent"]
-    if not parent or args.vision or args.llm:
-        return None
-    found = Path(args.runs) / parent / "final"
-    if is_complete(found):
-        return str(found)
+    """The previous stage's output, where that stage writes it; an error if it is missing."""
+    found = parent_checkpoint(args)
+    if found is None or is_complete(found):
+        return found and str(found)
     if not args.dry_run:  # a dry run describes the preset instead
-        raise SystemExit(f"{found} does not exist: run `--stage {parent}` first, or pass "
+        raise SystemExit(f"{found} does not exist: run `--stage {STAGES[args.stage]['parent']}` first, or pass "
                          f"--init CHECKPOINT (or --vision/--llm to start from HF folders)")
     return None
+
+
+def parent_checkpoint(args) -> Path | None:
+    """Where the previous stage's checkpoint should be, when the model comes from it."""
+    parent = STAGES[args.stage]["parent"]
+    if not parent or args.init or args.vision or args.llm:
+        return None
+    return Path(args.runs) / parent / "final"
 
 
 def stage_chain(args: argparse.Namespace) -> list[RunConfig]:
@@ -240,9 +246,8 @@ def stage_chain(args: argparse.Namespace) -> list[RunConfig]:
 
 
 def needs_parent_run(args) -> bool:
-    parent = STAGES[args.stage]["parent"]
-    return (parent is not None and args.model_preset == "tiny" and not args.dry_run
-            and not (args.init or args.vision or args.llm) and not is_complete(Path(args.runs) / parent / "final"))
+    found = parent_checkpoint(args)
+    return found is not None and args.model_preset == "tiny" and not args.dry_run and not is_complete(found)
 
 
 def is_demo(args, init: str | None) -> bool:
@@ -279,7 +284,7 @@ def demo_root() -> Path:
     return Path(demo.ensure())
 
 
-# ---- distributed ----------------------------------------------------------------------------------
+# ---- distributed --------------------------------------------------------------------------------
 
 def init_distributed():
     """Rank, world size and device. A plain `python train.py` gets a one-process rendezvous here:
@@ -304,20 +309,21 @@ def init_distributed():
     return rank, world, torch.device("cpu")
 
 
-def ds_config(args, world: int) -> dict:
-    cfg = json.loads(Path(args.deepspeed).read_text())
-    if args.global_batch % (args.micro_batch * world):
-        raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of micro-batch "
-                         f"{args.micro_batch} x {world} processes")
-    want = {"train_batch_size": args.global_batch, "train_micro_batch_size_per_gpu": args.micro_batch,
-            "gradient_accumulation_steps": args.global_batch // (args.micro_batch * world),
-            "gradient_clipping": args.grad_clip}
+def ds_config(run, world: int) -> dict:
+    """The DeepSpeed JSON with the batch sizes and clipping from the command line (a conflict is an error)."""
+    cfg = json.loads(Path(run.deepspeed).read_text())
+    if run.global_batch % (run.micro_batch * world):
+        raise SystemExit(f"--global-batch {run.global_batch} is not a multiple of micro-batch "
+                         f"{run.micro_batch} x {world} processes")
+    want = {"train_batch_size": run.global_batch, "train_micro_batch_size_per_gpu": run.micro_batch,
+            "gradient_accumulation_steps": run.global_batch // (run.micro_batch * world),
+            "gradient_clipping": run.grad_clip}
     for k, v in want.items():
         if cfg.get(k, "auto") not in ("auto", v):
-            raise SystemExit(f"{args.deepspeed}: {k}={cfg[k]} conflicts with the command line ({v}); "
+            raise SystemExit(f"{run.deepspeed}: {k}={cfg[k]} conflicts with the command line ({v}); "
                              f"leave it out of the JSON")
     if (cfg.get("fp16") or {}).get("enabled") is True and not torch.cuda.is_available():
-        raise SystemExit(f"{args.deepspeed}: fp16 does not work on CPU; use a *_cpu.json config (fp32 or bf16)")
+        raise SystemExit(f"{run.deepspeed}: fp16 does not work on CPU; use a *_cpu.json config (fp32 or bf16)")
     return {**cfg, **want}
 
 
@@ -338,55 +344,55 @@ def checkpoint_model_config(init: str) -> model.ModelConfig:
     return model.ModelConfig.from_dict(cfg["model"])
 
 
-def model_config(args) -> model.ModelConfig:
+def model_config(run) -> model.ModelConfig:
     """The parent checkpoint's model, else the preset with the HF folders' shapes."""
-    if args.init:
-        return checkpoint_model_config(args.init)
-    preset = model.ModelConfig.from_name(args.model_preset)
+    if run.init:
+        return checkpoint_model_config(run.init)
+    preset = model.ModelConfig.from_name(run.model_preset)
     vision = preset.vision
-    if args.vision:
-        vision = clip.ClipConfig.from_hf(checkpoint.load_hf_config(args.vision),
+    if run.vision:
+        vision = clip.ClipConfig.from_hf(checkpoint.load_hf_config(run.vision),
                                          select_layer=vision.select_layer, select_feature=vision.select_feature)
-    llm = llama.LlamaConfig.from_hf(checkpoint.load_hf_config(args.llm)) if args.llm else preset.llm
+    llm = llama.LlamaConfig.from_hf(checkpoint.load_hf_config(run.llm)) if run.llm else preset.llm
     return model.ModelConfig(vision=vision, llm=llm, projector_type=preset.projector_type,
                              image_token_id=preset.image_token_id)
 
 
-def build_model(args, cfg: model.ModelConfig, dtype) -> model.DoctorSun:
+def build_model(run, cfg: model.ModelConfig, dtype) -> model.DoctorSun:
     """Parts with a source are loaded from it; the rest are randomly initialised (seeded)."""
-    if args.init:
-        return model.from_pretrained(args.init, dtype=dtype, merge_lora=True)
-    if not (args.vision or args.llm):
-        return model.build(cfg, seed=args.seed, dtype=dtype)
-    torch.manual_seed(args.seed)
-    vision = (clip.from_pretrained(args.vision, dtype, select_layer=cfg.vision.select_layer,
-                                   select_feature=cfg.vision.select_feature) if args.vision else None)
-    llm = llama.from_pretrained(args.llm, dtype) if args.llm else None
+    if run.init:
+        return model.from_pretrained(run.init, dtype=dtype, merge_lora=True)
+    if not (run.vision or run.llm):
+        return model.build(cfg, seed=run.seed, dtype=dtype)
+    torch.manual_seed(run.seed)
+    vision = (clip.from_pretrained(run.vision, dtype, select_layer=cfg.vision.select_layer,
+                                   select_feature=cfg.vision.select_feature) if run.vision else None)
+    llm = llama.from_pretrained(run.llm, dtype) if run.llm else None
     return model.DoctorSun(cfg, vision=vision, llm=llm).to(dtype)
 
 
-def apply_stage(m: model.DoctorSun, args) -> dict:
+def apply_stage(m: model.DoctorSun, run) -> dict:
     """The stage table made real: freeze everything, then unfreeze/inject what this stage trains.
     Returns the LoRA configs (recorded in the checkpoint)."""
-    stage = STAGES[args.stage]
+    stage = STAGES[run.stage]
     m.requires_grad_(False)
     lcfg = {"vision": None, "llm": None}
     if "projector" in stage["train"]:
         m.projector.requires_grad_(True)
     if "llm" in stage["train"]:
-        if args.llm_lora:
-            lcfg["llm"] = lora.LoRAConfig(args.llm_lora, args.lora_alpha, args.lora_dropout, lora.LLM_TARGETS)
+        if run.llm_lora:
+            lcfg["llm"] = lora.LoRAConfig(run.llm_lora, run.lora_alpha, run.lora_dropout, lora.LLM_TARGETS)
             lora.inject(m.llm, lcfg["llm"])
             lora.mark_only_lora_trainable(m.llm)
         else:
             m.llm.requires_grad_(True)
-    elif args.llm_lora:
-        raise SystemExit(f"--llm-lora: the LLM does not train in the {args.stage} stage")
-    if args.vision_lora:
-        lcfg["vision"] = lora.LoRAConfig(args.vision_lora, args.lora_alpha, args.lora_dropout, lora.VIT_TARGETS)
+    elif run.llm_lora:
+        raise SystemExit(f"--llm-lora: the LLM does not train in the {run.stage} stage")
+    if run.vision_lora:
+        lcfg["vision"] = lora.LoRAConfig(run.vision_lora, run.lora_alpha, run.lora_dropout, lora.VIT_TARGETS)
         lora.inject(m.vision, lcfg["vision"])
         lora.mark_only_lora_trainable(m.vision)
-    m.llm.gradient_checkpointing = m.vision.gradient_checkpointing = args.gradient_checkpointing
+    m.llm.gradient_checkpointing = m.vision.gradient_checkpointing = run.gradient_checkpointing
     return lcfg
 
 
@@ -417,54 +423,54 @@ def flops_model(m: model.DoctorSun) -> tuple[float, float, float]:
 
 # ---- dry run ------------------------------------------------------------------------------------
 
-def dry_run(args) -> None:
+def dry_run(run) -> None:
     """Sizes and a memory estimate per device, without allocating the model (built on meta)."""
-    cfg = model_config(args)
+    cfg = model_config(run)
     with torch.device("meta"):
         m = model.DoctorSun(cfg)
-    apply_stage(m, args)
-    dsc = json.loads(Path(args.deepspeed).read_text())
+    apply_stage(m, run)
+    dsc = json.loads(Path(run.deepspeed).read_text())
     b = 2 if bf16(dsc) else 4
     counts = param_counts(m)
-    print(f"stage {args.stage}   preset {args.model_preset}   dtype {'bf16' if b == 2 else 'fp32'}   "
-          f"config {args.deepspeed}")
+    print(f"stage {run.stage}   preset {run.model_preset}   dtype {'bf16' if b == 2 else 'fp32'}   "
+          f"config {run.deepspeed}")
     print(f"{'module':<10}{'params':>16}{'trainable':>16}")
     for part, (n, t) in counts.items():
         print(f"{part:<10}{n:>16,}{t:>16,}")
     print(f"{'total':<10}{sum(n for n, _ in counts.values()):>16,}{sum(t for _, t in counts.values()):>16,}")
-    L = args.max_length
-    print(f"tokens per step: <= {args.global_batch} samples x {L} = {args.global_batch * L:,} "
+    L = run.max_length
+    print(f"tokens per step: <= {run.global_batch} samples x {L} = {run.global_batch * L:,} "
           f"(a sample holds {m.num_image_tokens} image positions when it has an image)")
     try:
-        ds = data.SupervisedDataset(data.parse_data_spec(args.data), None, template=STAGES[args.stage]["template"],
+        ds = data.SupervisedDataset(data.parse_data_spec(run.data), None, template=STAGES[run.stage]["template"],
                                     num_image_tokens=m.num_image_tokens)
         mean = sum(ds.lengths) / max(1, len(ds))
-        print(f"data: {len(ds):,} samples, ~{mean:.0f} tokens each (estimate) -> ~{args.global_batch * mean:,.0f} "
-              f"tokens per step, {len(ds) / args.global_batch:,.0f} steps per epoch")
+        print(f"data: {len(ds):,} samples, ~{mean:.0f} tokens each (estimate) -> ~{run.global_batch * mean:,.0f} "
+              f"tokens per step, {len(ds) / run.global_batch:,.0f} steps per epoch")
     except (OSError, ValueError) as e:
         print(f"data: not read ({e})")
-    print_memory_table(args, cfg, counts, b)
+    print_memory_table(run, cfg, counts, b)
 
 
-def print_memory_table(args, cfg: model.ModelConfig, counts: dict, b: int) -> None:
+def print_memory_table(run, cfg: model.ModelConfig, counts: dict, b: int) -> None:
     """Weights, gradients, Adam states and activations per device, for 1-8 devices x ZeRO 0/2/3
     (`b`: bytes per weight)."""
-    P, T, L = sum(n for n, _ in counts.values()), sum(t for _, t in counts.values()), args.max_length
+    P, T, L = sum(n for n, _ in counts.values()), sum(t for _, t in counts.values()), run.max_length
     # Activations (Korthikanti et al. 2022, 34·s·h bytes per layer and sample in 16-bit without the
     # s² attention term, which SDPA/flash does not store); checkpointing keeps 2·s·h per layer plus
     # one layer's worth. Logits are computed in 4096-row chunks (model.forward).
     lc, vc = cfg.llm, cfg.vision
     per_layer = 34 * L * lc.hidden_size * b / 2
     kept = 2 * L * lc.hidden_size * b / 2
-    act = args.micro_batch * (lc.num_hidden_layers * (kept if args.gradient_checkpointing else per_layer)
-                              + (per_layer if args.gradient_checkpointing else 0))
+    act = run.micro_batch * (lc.num_hidden_layers * (kept if run.gradient_checkpointing else per_layer)
+                              + (per_layer if run.gradient_checkpointing else 0))
     if counts["vision"][1]:
-        act += args.micro_batch * vc.num_layers_used * 34 * vc.num_positions * vc.hidden_size * b / 2
+        act += run.micro_batch * vc.num_layers_used * 34 * vc.num_positions * vc.hidden_size * b / 2
     act += 2 * 4096 * lc.vocab_size * 4
     gib = 2 ** 30
     print(f"\nmemory per device, GiB (rough: +-30%, plus 1-2 GiB of CUDA context/fragmentation; "
-          f"micro-batch {args.micro_batch}, {L} tokens, "
-          f"checkpointing {'on' if args.gradient_checkpointing else 'off'})")
+          f"micro-batch {run.micro_batch}, {L} tokens, "
+          f"checkpointing {'on' if run.gradient_checkpointing else 'off'})")
     print(f"{'devices':<9}{'ZeRO':>5}{'weights':>9}{'grads':>8}{'Adam':>8}{'activ.':>8}{'total':>8}")
     for n in (1, 2, 4, 8):
         for z in (0, 2, 3):
@@ -477,29 +483,29 @@ def print_memory_table(args, cfg: model.ModelConfig, counts: dict, b: int) -> No
 
 # ---- data ---------------------------------------------------------------------------------------
 
-def make_dataset(args, m: model.DoctorSun, tokenizer) -> data.SupervisedDataset:
-    stage = STAGES[args.stage]
+def make_dataset(run, m: model.DoctorSun, tokenizer) -> data.SupervisedDataset:
+    stage = STAGES[run.stage]
     return data.SupervisedDataset(
-        data.parse_data_spec(args.data), tokenizer, template=stage["template"],
-        num_image_tokens=m.num_image_tokens, image_token_id=m.image_token_id, max_length=args.max_length,
-        image_size=m.config.vision.image_size, pad_to_square=stage["pad_to_square"], on_bad=args.on_bad,
-        seed=args.seed)
+        data.parse_data_spec(run.data), tokenizer, template=stage["template"],
+        num_image_tokens=m.num_image_tokens, image_token_id=m.image_token_id, max_length=run.max_length,
+        image_size=m.config.vision.image_size, pad_to_square=stage["pad_to_square"], on_bad=run.on_bad,
+        seed=run.seed)
 
 
-def micro_batches(ds, args, rank: int, world: int, start: int):
+def micro_batches(ds, run, rank: int, world: int, start: int):
     """This rank's micro-batches from micro-batch `start` on, epoch after epoch. Data order is a
     function of (seed, epoch) only, so a resumed run reads exactly what the interrupted one would."""
     def sampler(epoch, start_index=0):
-        return data.LengthGroupedSampler(ds.lengths, ds.is_image, args.micro_batch, seed=args.seed, epoch=epoch,
+        return data.LengthGroupedSampler(ds.lengths, ds.is_image, run.micro_batch, seed=run.seed, epoch=epoch,
                                          num_replicas=world, rank=rank, start_index=start_index)
-    per_epoch = len(sampler(0)) // args.micro_batch
+    per_epoch = len(sampler(0)) // run.micro_batch
     epoch, skip = divmod(start, per_epoch)
     pad_id = ds.tokenizer.pad_id
     while True:
         loader = torch.utils.data.DataLoader(
-            ds, batch_size=args.micro_batch, sampler=sampler(epoch, skip * args.micro_batch),
-            collate_fn=functools.partial(data.collate, pad_id=pad_id), num_workers=args.workers,
-            generator=torch.Generator().manual_seed(args.seed + epoch))  # leaves the global RNG alone
+            ds, batch_size=run.micro_batch, sampler=sampler(epoch, skip * run.micro_batch),
+            collate_fn=functools.partial(data.collate, pad_id=pad_id), num_workers=run.workers,
+            generator=torch.Generator().manual_seed(run.seed + epoch))  # leaves the global RNG alone
         for batch in loader:
             yield epoch, batch
         epoch, skip = epoch + 1, 0
@@ -514,6 +520,27 @@ def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
     if step < warmup:
         return 1e-5 + (1 - 1e-5) * step / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# ---- one stage's state --------------------------------------------------------------------------
+
+@dataclass
+class Trainer:
+    """What setup() builds for one stage; fit() and save() read it."""
+    run: RunConfig
+    engine: object                      # deepspeed.DeepSpeedEngine
+    model: model.DoctorSun              # the engine's module
+    dataset: data.SupervisedDataset
+    rank: int
+    world: int
+    device: torch.device
+    gas: int                            # micro-batches per optimizer step, on each rank
+    total_steps: int
+    zero3: bool                         # parameters partitioned: gather before saving
+    base: dict                          # where the unsaved weights come from (config.json "base")
+    lora: dict                          # LoRA configs (config.json "lora")
+    flops: tuple[float, float, float]   # per token, supervised token and image (flops_model)
+    peak: float | None                  # device FLOP/s, for the MFU
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
@@ -663,25 +690,6 @@ def resume(t: Trainer) -> tuple[int, int]:
 
 # ---- training -----------------------------------------------------------------------------------
 
-@dataclass
-class Trainer:
-    """What setup() builds for one stage; fit() and save() read it."""
-    run: RunConfig
-    engine: object                      # deepspeed.DeepSpeedEngine
-    model: model.DoctorSun              # the engine's module
-    dataset: data.SupervisedDataset
-    rank: int
-    world: int
-    device: torch.device
-    gas: int                            # micro-batches per optimizer step, on each rank
-    total_steps: int
-    zero3: bool                         # parameters partitioned: gather before saving
-    base: dict                          # where the unsaved weights come from (config.json "base")
-    lora: dict                          # LoRA configs (config.json "lora")
-    flops: tuple[float, float, float]   # per token, supervised token and image (flops_model)
-    peak: float | None                  # device FLOP/s, for the MFU
-
-
 def setup(run: RunConfig, rank: int, world: int, device) -> Trainer:
     """Model, data, optimizer and DeepSpeed engine for one stage, built alike on every rank."""
     import deepspeed
@@ -729,7 +737,7 @@ def train_stage(run: RunConfig, rank: int, world: int, device) -> dict:
     step, micro_done, last = fit(t, step, micro_done, history)
     final = save(t, step, micro_done, "final")
     summary = {"stage": run.stage, "steps": step, "wall_s": round(time.time() - t_start, 1),
-               "checkpoint": str(final), "skipped": dict(last["skipped"]) if last else {}}
+               "checkpoint": str(final), "skipped": last["skipped"] if last else {}}
     if rank == 0:
         summary.update(report(history, out))
         print("summary: " + json.dumps(summary, ensure_ascii=False))
@@ -799,12 +807,15 @@ def gather_counts(counts: collections.Counter, world: int) -> dict:
     """Skipped-sample counts summed over ranks (collective)."""
     if world == 1:
         return dict(counts)
-    gathered = [None] * world
+    gathered, total = [None] * world, collections.Counter()
     torch.distributed.all_gather_object(gathered, dict(counts))
-    return dict(sum((collections.Counter(g) for g in gathered), collections.Counter()))
+    for g in gathered:
+        total.update(g)
+    return dict(total)
 
 
 def report_interrupt(run: RunConfig, step: int, total_steps: int, history: list[dict]) -> None:
+    """On Ctrl-C: the summary so far, and where --resume would continue from."""
     out = Path(run.out)
     ckpt = latest_checkpoint(out)
     print(f"interrupted at step {step}/{total_steps}; " + (f"--resume continues from {ckpt}" if ckpt else
@@ -814,6 +825,7 @@ def report_interrupt(run: RunConfig, step: int, total_steps: int, history: list[
 
 
 def peak_flops(device, dtype, override) -> float | None:
+    """Device FLOP/s for the MFU: --peak-tflops, a table of GPUs, or a CPU matmul measured here."""
     if override:
         return override * 1e12
     if device.type == "cuda":
@@ -848,7 +860,9 @@ def train_step(engine, batches: list[dict], world: int, device) -> dict:
         engine.backward(ls * scale, scale_wrt_gas=False)
         boundary = engine.is_gradient_accumulation_boundary()
         if boundary and engine.zero_optimization_stage() == 0:
-            gn = zero0_grads_like_zero2(engine.module)
+            trainable = [p for p in engine.module.parameters() if p.requires_grad]
+            zero_unused_grads(trainable)
+            gn = grad_norm(trainable)
         lr = engine.get_lr()[0]
         engine.step()
         if boundary and engine.zero_optimization_partition_weights():
@@ -873,17 +887,19 @@ def unsupervised(batch: dict | None) -> dict:
     return {**batch, "labels": torch.full_like(batch["labels"], data.IGNORE_INDEX)}
 
 
-def zero0_grads_like_zero2(module: torch.nn.Module) -> float:
-    """Under ZeRO-0 (DeepSpeed 0.19.8), give each trainable parameter unused in the whole step
-    (the ViT LoRA during a text-only step) a zero gradient, as ZeRO-2/3's flat buffers do: AdamW
-    then moves it by its momentum under every ZeRO stage alike, instead of skipping grad=None.
-    Returns the gradient norm, which DeepSpeed's plain data parallel does not keep
-    (engine.get_global_grad_norm() is None); the gradients are all-reduced by now."""
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    for p in trainable:
+def zero_unused_grads(params: list[torch.nn.Parameter]) -> None:
+    """ZeRO-0 only (DeepSpeed 0.19.8): a trainable parameter unused in the whole step (the ViT LoRA
+    during a text-only step) gets a zero gradient, as it does in ZeRO-2/3's flat gradient buffers,
+    so AdamW moves it by its momentum under every ZeRO stage alike instead of skipping grad=None."""
+    for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in trainable])))
+
+
+def grad_norm(params: list[torch.nn.Parameter]) -> float:
+    """ZeRO-0 only: DeepSpeed 0.19.8's plain data parallel keeps no gradient norm
+    (engine.get_global_grad_norm() stays None), so compute it; the gradients are all-reduced by now."""
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])))
 
 
 def clear_zero3_grad_partitions(engine) -> None:
