@@ -263,7 +263,7 @@ def find_tokenizer(args, init: str | None, demo: bool, parent: RunConfig | None)
         found = args.tokenizer
     elif parent:
         found = parent.tokenizer
-    elif init and (recorded := checkpoint.tokenizer_folder(init)) != Path(init):  # up the chain of stages
+    elif init and (recorded := data.tokenizer_folder(init)) != Path(init):  # up the chain of stages
         found = recorded
     elif args.llm:
         found = args.llm
@@ -351,9 +351,9 @@ def model_config(run) -> model.ModelConfig:
     preset = model.ModelConfig.from_name(run.model_preset)
     vision = preset.vision
     if run.vision:
-        vision = clip.ClipConfig.from_hf(checkpoint.load_hf_config(run.vision),
-                                         select_layer=vision.select_layer, select_feature=vision.select_feature)
-    llm = llama.LlamaConfig.from_hf(checkpoint.load_hf_config(run.llm)) if run.llm else preset.llm
+        vision = clip.config_from_hf(checkpoint.load_hf_config(run.vision),
+                                     select_layer=vision.select_layer, select_feature=vision.select_feature)
+    llm = llama.config_from_hf(checkpoint.load_hf_config(run.llm)) if run.llm else preset.llm
     return model.ModelConfig(vision=vision, llm=llm, projector_type=preset.projector_type,
                              image_token_id=preset.image_token_id)
 
