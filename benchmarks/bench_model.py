@@ -20,6 +20,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import model  # noqa: E402
+from special_ids import IGNORE_INDEX  # noqa: E402
 
 
 def hf_model(vocab: int, image_token: int) -> transformers.LlavaForConditionalGeneration:
@@ -64,7 +65,7 @@ def main() -> None:
     B, T = args.batch, args.seq
     ids = torch.randint(3, img, (B, T))
     ids[:, 1:257] = img
-    labels = ids.masked_fill(ids == img, -100)
+    labels = ids.masked_fill(ids == img, IGNORE_INDEX)
     px = torch.randn(B, 3, 224, 224, dtype=dtype)
 
     def step_hf():
