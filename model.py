@@ -275,6 +275,27 @@ def _finish(m: DoctorSun) -> DoctorSun:
     return m.eval()
 
 
+# ---- one part from its own folder ------------------------------------------------------------------
+# Training starts from a vision tower and an LLM released on their own. Hugging Face folders are read
+# by clip.py / llama.py; other layouts of a single part are formats.py's.
+
+def vision_config(path: str | Path, **select) -> clip.ClipConfig:
+    """The tower's config; `select` (select_layer, select_feature) are LLaVA's choices."""
+    return clip.config_from_hf(checkpoint.load_hf_config(path), **select)
+
+
+def llm_config(path: str | Path) -> llama.LlamaConfig:
+    return llama.config_from_hf(checkpoint.load_hf_config(path))
+
+
+def load_vision(path: str | Path, dtype: torch.dtype = torch.float32, **select) -> clip.VisionTransformer:
+    return clip.from_pretrained(path, dtype=dtype, **select)
+
+
+def load_llm(path: str | Path, dtype: torch.dtype = torch.float32) -> llama.Llama:
+    return llama.from_pretrained(path, dtype=dtype)
+
+
 # ---- our own format ---------------------------------------------------------------------------
 #
 # config.json = {"format": "doctor-sun", "model": ModelConfig.to_dict(),
@@ -314,11 +335,10 @@ def _load_ours(path: Path, dtype, merge_lora: bool) -> DoctorSun:
     else:  # the frozen parts from their HF folders, the rest from this folder
         vision = llm = None
         if base.get("vision"):
-            vision = clip.from_pretrained(_resolve(path, base["vision"]), dtype=dtype,
-                                          select_layer=cfg.vision.select_layer,
-                                          select_feature=cfg.vision.select_feature)
+            vision = load_vision(_resolve(path, base["vision"]), dtype, select_layer=cfg.vision.select_layer,
+                                 select_feature=cfg.vision.select_feature)
         if base.get("llm"):
-            llm = llama.from_pretrained(_resolve(path, base["llm"]), dtype=dtype)
+            llm = load_llm(_resolve(path, base["llm"]), dtype)
         with torch.device("meta"):
             m = DoctorSun(cfg, vision=vision, llm=llm)
     for part, lcfg in (cfg_json.get("lora") or {}).items():

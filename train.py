@@ -58,9 +58,7 @@ import numpy as np
 import torch
 
 import checkpoint
-import clip
 import data
-import llama
 import lora
 import model
 
@@ -351,9 +349,9 @@ def model_config(run) -> model.ModelConfig:
     preset = model.ModelConfig.from_name(run.model_preset)
     vision = preset.vision
     if run.vision:
-        vision = clip.config_from_hf(checkpoint.load_hf_config(run.vision),
-                                     select_layer=vision.select_layer, select_feature=vision.select_feature)
-    llm = llama.config_from_hf(checkpoint.load_hf_config(run.llm)) if run.llm else preset.llm
+        vision = model.vision_config(run.vision, select_layer=vision.select_layer,
+                                     select_feature=vision.select_feature)
+    llm = model.llm_config(run.llm) if run.llm else preset.llm
     return model.ModelConfig(vision=vision, llm=llm, projector_type=preset.projector_type,
                              image_token_id=preset.image_token_id)
 
@@ -365,9 +363,9 @@ def build_model(run, cfg: model.ModelConfig, dtype) -> model.DoctorSun:
     if not (run.vision or run.llm):
         return model.build(cfg, seed=run.seed, dtype=dtype)
     torch.manual_seed(run.seed)
-    vision = (clip.from_pretrained(run.vision, dtype, select_layer=cfg.vision.select_layer,
-                                   select_feature=cfg.vision.select_feature) if run.vision else None)
-    llm = llama.from_pretrained(run.llm, dtype) if run.llm else None
+    vision = (model.load_vision(run.vision, dtype, select_layer=cfg.vision.select_layer,
+                                select_feature=cfg.vision.select_feature) if run.vision else None)
+    llm = model.load_llm(run.llm, dtype) if run.llm else None
     return model.DoctorSun(cfg, vision=vision, llm=llm).to(dtype)
 
 
