@@ -47,17 +47,41 @@ IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
 
-# Llama-3's chat template, extended for the processor's message format: a message's content is a
-# string, or a list of {"type": "image"} / {"type": "text", "text": ...} items. Images go first as
-# "<image>\n", then the text, trimmed: the layout Doctor Sun trains on (data.py moves <image> first).
-CHAT_TEMPLATE = (
-    "{{- bos_token }}{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
-    "{%- if message['content'] is string %}{{- message['content'] | trim }}{%- else %}"
-    "{{- '<image>\n' * (message['content'] | selectattr('type', 'equalto', 'image') | list | length) }}"
-    "{{- message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\n') | trim }}"
-    "{%- endif %}{{- '<|eot_id|>' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}")
+# The chat templates written for transformers' processor, one per data.TEMPLATES entry a LLaVA model
+# is asked with. A message's content is a string, or a list of {"type": "image"} / {"type": "text"}
+# items; images go first as "<image>\n", then the text, trimmed: the layout data.py trains on. The
+# policy's system prompt is the default when the messages bring none, as eval.py would use it.
+_CONTENT = ("{%- if message['content'] is string %}{{- message['content'] | trim }}{%- else %}"
+            "{{- '<image>\n' * (message['content'] | selectattr('type', 'equalto', 'image') | list | length) }}"
+            "{{- message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\n')"
+            " | trim }}{%- endif %}")
+_SYSTEM = ("{%- set ns = namespace(system=DEFAULT) %}{%- for message in messages %}"
+           "{%- if message['role'] == 'system' %}{%- set ns.system = message['content'] if message['content'] "
+           "is string else message['content'] | map(attribute='text') | join('\n') %}{%- endif %}{%- endfor %}")
+CHAT_TEMPLATES = {
+    # Llama-3 Instruct: <|start_header_id|>role<|end_header_id|>\n\n content <|eot_id|>
+    "llama3": _SYSTEM + "{{- bos_token }}{%- if ns.system %}{{- '<|start_header_id|>system<|end_header_id|>\n\n'"
+              " + ns.system | trim + '<|eot_id|>' }}{%- endif %}"
+              "{%- for message in messages if message['role'] != 'system' %}"
+              "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}" + _CONTENT +
+              "{{- '<|eot_id|>' }}{%- endfor %}"
+              "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}",
+    # LLaVA-1.5 / Vicuna v1: "{system} USER: {q} ASSISTANT: {a}</s>USER: ..."; a user turn already ends
+    # with the answer header, so add_generation_prompt adds nothing.
+    "vicuna_v1": _SYSTEM + "{{- bos_token }}{%- if ns.system %}{{- ns.system | trim + ' ' }}{%- endif %}"
+                 "{%- for message in messages if message['role'] != 'system' %}"
+                 "{%- if message['role'] == 'user' %}{{- 'USER: ' }}" + _CONTENT + "{{- ' ASSISTANT:' }}"
+                 "{%- else %}{{- ' ' }}" + _CONTENT + "{{- eos_token }}{%- endif %}{%- endfor %}",
+}
+
+
+def chat_template(policy: data.PromptPolicy) -> str:
+    """The processor's chat template for a prompt policy, its system prompt as the default."""
+    if policy.template not in CHAT_TEMPLATES:
+        raise ValueError(f"no chat template is written for the {policy.template!r} prompt format (a "
+                         f"{'pretrain' if policy.template == 'caption' else 'text'}-stage checkpoint?); "
+                         f"known: {sorted(CHAT_TEMPLATES)}")
+    return CHAT_TEMPLATES[policy.template].replace("DEFAULT", json.dumps(policy.system, ensure_ascii=False))
 
 
 # ---- shared pieces ----------------------------------------------------------------------------------
@@ -91,7 +115,7 @@ def generation_eos(tok_dir: Path, m: model.DoctorSun) -> list[int]:
     return sorted(data.stop_ids(data.load_tokenizer(tok_dir), m.config.llm.eos_token_id))
 
 
-def image_processor_config(c: clip.ClipConfig, pad_to_square: bool) -> dict:
+def image_processor_config(c: clip.ClipConfig, policy: data.PromptPolicy) -> dict:
     """CLIP preprocessing: resize the shortest side (bicubic), centre crop, rescale, CLIP mean/std.
 
     LlavaImageProcessor is CLIPImageProcessor plus `do_pad`: LLaVA's expand2square onto the mean
@@ -99,11 +123,11 @@ def image_processor_config(c: clip.ClipConfig, pad_to_square: bool) -> dict:
     changes no token count: the crop is always image_size x image_size.
     """
     return {"image_processor_type": "LlavaImageProcessor", "processor_class": "LlavaProcessor",
-            "do_convert_rgb": True, "do_pad": pad_to_square,
+            "do_convert_rgb": True, "do_pad": policy.pad_to_square,
             "do_resize": True, "size": {"shortest_edge": c.image_size}, "resample": 3,  # PIL bicubic
             "do_center_crop": True, "crop_size": {"height": c.image_size, "width": c.image_size},
             "do_rescale": True, "rescale_factor": 1 / 255,
-            "do_normalize": True, "image_mean": list(data.CLIP_MEAN), "image_std": list(data.CLIP_STD)}
+            "do_normalize": True, "image_mean": list(policy.image_mean), "image_std": list(policy.image_std)}
 
 
 def write_json(path: Path, obj) -> None:
@@ -112,7 +136,7 @@ def write_json(path: Path, obj) -> None:
 
 # ---- ours -> transformers LLaVA ----------------------------------------------------------------------
 
-def add_tokens(tok_dir: Path, m: model.DoctorSun):
+def add_tokens(tok_dir: Path, m: model.DoctorSun, template: str = "llama3"):
     """The tokenizer.json with `<image>` and `<pad>` added as special tokens (those not there yet).
 
     Returns (tokenizers.Tokenizer, image_id, pad_id, rows), `rows` = the embedding rows needed so
@@ -128,9 +152,9 @@ def add_tokens(tok_dir: Path, m: model.DoctorSun):
                                 f"transformers' AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))")
     tok = Tokenizer.from_file(str(path))
     lacking = [t for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>") if tok.token_to_id(t) is None]
-    if lacking:
-        raise ValueError(f"{path} is not a Llama-3 tokenizer (no {lacking}); the llava-hf export writes "
-                         f"the Llama-3 chat template only")
+    if lacking and template == "llama3":
+        raise ValueError(f"{path} is not a Llama-3 tokenizer (no {lacking}), but the checkpoint's prompt "
+                         f"policy is the Llama-3 chat template")
     new = [t for t in (IMAGE_TOKEN, PAD_TOKEN) if tok.token_to_id(t) is None]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
     image_id, pad_id = tok.token_to_id(IMAGE_TOKEN), tok.token_to_id(PAD_TOKEN)
@@ -150,12 +174,13 @@ def resize_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([w, mean.expand(rows - w.shape[0], -1)])
 
 
-def to_llava_hf(m: model.DoctorSun, tok_dir: Path, out: Path, *, dtype: torch.dtype, pad_vocab_to: int = 1,
-                max_shard_bytes: int | None = None, pad_to_square: bool = True) -> dict:
+def to_llava_hf(m: model.DoctorSun, tok_dir: Path, out: Path, *, dtype: torch.dtype,
+                policy: data.PromptPolicy, pad_vocab_to: int = 1, max_shard_bytes: int | None = None) -> dict:
     if m.config.projector_type != "mlp2x_gelu":
         raise ValueError(f"transformers' LLaVA has a 2-layer GELU projector; this model's is "
                          f"{m.config.projector_type!r} (use --to llava)")
-    tok, image_id, pad_id, rows = add_tokens(tok_dir, m)
+    template = chat_template(policy)
+    tok, image_id, pad_id, rows = add_tokens(tok_dir, m, policy.template)
     rows = math.ceil(rows / pad_vocab_to) * pad_vocab_to
     llm, vis = replace(m.config.llm, vocab_size=rows), m.config.vision
 
@@ -166,8 +191,9 @@ def to_llava_hf(m: model.DoctorSun, tok_dir: Path, out: Path, *, dtype: torch.dt
         if key in state:  # (no LM head when tied)
             state[key] = resize_rows(state[key], rows)
     checkpoint.save_state(state, out, max_shard_bytes=max_shard_bytes)
-    write_json(out / "config.json", formats.llava_hf_config_json(
-        vis, llm, image_token_id=image_id, pad_token_id=pad_id, num_image_tokens=m.num_image_tokens, dtype=dtype))
+    write_json(out / "config.json", {**formats.llava_hf_config_json(
+        vis, llm, image_token_id=image_id, pad_token_id=pad_id, num_image_tokens=m.num_image_tokens, dtype=dtype),
+        data.POLICY_KEY: policy.to_dict()})  # transformers keeps unknown keys; our importer reads it back
     write_json(out / "generation_config.json", {"bos_token_id": llm.bos_token_id, "pad_token_id": pad_id,
                                                 "eos_token_id": generation_eos(tok_dir, m), "do_sample": False})
 
@@ -181,15 +207,15 @@ def to_llava_hf(m: model.DoctorSun, tok_dir: Path, out: Path, *, dtype: torch.dt
         "added_tokens_decoder": {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized,
                                           "rstrip": t.rstrip, "single_word": t.single_word, "special": t.special}
                                  for i, t in sorted(tok.get_added_tokens_decoder().items())},
-        "pad_token": PAD_TOKEN, "chat_template": CHAT_TEMPLATE,
+        "pad_token": PAD_TOKEN, "chat_template": template,
         "tokenizer_class": "PreTrainedTokenizerFast", "processor_class": "LlavaProcessor"})
     write_json(out / "tokenizer_config.json", tcfg)
     write_json(out / "special_tokens_map.json", {k: tcfg[k] for k in ("bos_token", "eos_token", "pad_token")})
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)  # where transformers 5 looks first
+    (out / "chat_template.jinja").write_text(template)  # where transformers 5 looks first
 
     # Processor: one <image> -> (image_size / patch)^2 ids, +1 for the class token, -1 for "default"
     # (which drops it): exactly the features the model splices in.
-    write_json(out / "preprocessor_config.json", image_processor_config(vis, pad_to_square))
+    write_json(out / "preprocessor_config.json", image_processor_config(vis, policy))
     write_json(out / "processor_config.json", {
         "processor_class": "LlavaProcessor", "image_token": IMAGE_TOKEN, "patch_size": vis.patch_size,
         "vision_feature_select_strategy": {v: k for k, v in formats.STRATEGY.items()}[vis.select_feature],
@@ -210,14 +236,14 @@ def vision_tower_name(c: clip.ClipConfig) -> str | None:
 
 
 def to_llava(m: model.DoctorSun, tok_dir: Path, out: Path, final_out: Path, *, dtype: torch.dtype,
-             max_shard_bytes: int | None, pad_to_square: bool = True, vision_tower: str | None = None) -> dict:
+             policy: data.PromptPolicy, max_shard_bytes: int | None, vision_tower: str | None = None) -> dict:
     """`mm_vision_tower` names the CLIP the tower came from (LLaVA reads its config and
     image processor there). For a tower that is no public CLIP, its config goes into OUT/vision_tower
     and the absolute path is recorded, as LLaVA users do with local towers."""
     vis, llm = m.config.vision, m.config.llm
     state = formats.export_state(m.state_dict(), formats.LLAVA_KEYS, dtype, tied=llm.tie_word_embeddings)
     checkpoint.save_state(state, out, max_shard_bytes=max_shard_bytes)
-    processor = {**image_processor_config(vis, False), "image_processor_type": "CLIPImageProcessor",
+    processor = {**image_processor_config(vis, policy), "image_processor_type": "CLIPImageProcessor",
                  "processor_class": "CLIPProcessor"}
     del processor["do_pad"]  # LLaVA pads in its own code, by image_aspect_ratio
     tower = vision_tower or vision_tower_name(vis)
@@ -226,8 +252,9 @@ def to_llava(m: model.DoctorSun, tok_dir: Path, out: Path, final_out: Path, *, d
         write_json(out / "vision_tower" / "config.json", clip.config_to_hf(vis))
         write_json(out / "vision_tower" / "preprocessor_config.json", processor)
         tower = str(final_out.resolve() / "vision_tower")
-    write_json(out / "config.json", formats.llava_config_json(
-        vis, llm, projector_type=m.config.projector_type, tower=tower, pad_to_square=pad_to_square, dtype=dtype))
+    write_json(out / "config.json", {**formats.llava_config_json(
+        vis, llm, projector_type=m.config.projector_type, tower=tower, pad_to_square=policy.pad_to_square,
+        dtype=dtype), data.POLICY_KEY: policy.to_dict()})  # LLaVA reads image_aspect_ratio; we read both
     write_json(out / "generation_config.json", {"bos_token_id": llm.bos_token_id,
                                                 "eos_token_id": generation_eos(tok_dir, m), "do_sample": False})
     copy_tokenizer(tok_dir, out)  # unchanged: the placeholder is -200, outside the vocabulary
@@ -261,13 +288,14 @@ def _convert_into(args: argparse.Namespace, tmp: Path, out: Path) -> dict:
         shard = parse_size(args.max_shard_size or ("2GB" if args.to == "llava" else "5GB"))
         model.detect_format(src)  # an unknown layout is the first thing to report
         tok_dir = find_tokenizer(src, args.tokenizer)
-        square = (args.image_aspect_ratio == "pad" if args.image_aspect_ratio
-                  else data.trained_pad_to_square(src))  # as trained
+        policy, _ = data.prompt_policy(src)  # as trained
+        if args.image_aspect_ratio:
+            policy = replace(policy, pad_to_square=args.image_aspect_ratio == "pad")
         m = model.from_pretrained(src, dtype=dtype)  # LoRA merged on load
         if args.to == "llava-hf":
-            return to_llava_hf(m, tok_dir, tmp, dtype=dtype, pad_vocab_to=args.pad_vocab_to,
-                               max_shard_bytes=shard, pad_to_square=square)
-        return to_llava(m, tok_dir, tmp, out, dtype=dtype, max_shard_bytes=shard, pad_to_square=square,
+            return to_llava_hf(m, tok_dir, tmp, dtype=dtype, policy=policy, pad_vocab_to=args.pad_vocab_to,
+                               max_shard_bytes=shard)
+        return to_llava(m, tok_dir, tmp, out, dtype=dtype, policy=policy, max_shard_bytes=shard,
                         vision_tower=args.vision_tower)
 
     dtype = DTYPES[args.dtype or "bfloat16"]
@@ -276,16 +304,26 @@ def _convert_into(args: argparse.Namespace, tmp: Path, out: Path) -> dict:
         m = model.from_state(model.ModelConfig(**fields), state, source=src)
         tok_src = next((d for d in (src / "llm", args.llm and Path(args.llm), src)
                         if d and any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))), None)
+        policy = xtuner_policy(tok_src)
     else:
         kind = model.detect_format(src)
         if kind != args.src_format:
             raise ValueError(f"{src} is a {kind!r} checkpoint, not {args.src_format!r}")
         m = model.from_pretrained(src, dtype=dtype, vision=args.vision)
         tok_src = src
-    model.save_pretrained(m, tmp, extra={"converted_from": {"format": args.src_format, "path": str(src)}})
+        policy, _ = data.prompt_policy(src)
+    model.save_pretrained(m, tmp, extra={"converted_from": {"format": args.src_format, "path": str(src)},
+                                         data.POLICY_KEY: policy.to_dict()})
     if tok_src is not None:  # eval.py and train.py find the tokenizer in the checkpoint folder
         copy_tokenizer(tok_src, tmp)
     return {"image_token_id": m.image_token_id, "vocab_size": m.config.llm.vocab_size}
+
+
+def xtuner_policy(tok_dir: Path | None) -> data.PromptPolicy:
+    """xtuner's LLaVA finetune configs: its chat template for the LLM (llama3_chat for Llama-3, else
+    LLaVA-1.5's Vicuna), SYSTEM = "", pad_image_to_square=True."""
+    llama3 = tok_dir is not None and data.load_tokenizer(tok_dir).token_to_id("<|eot_id|>") is not None
+    return data.PromptPolicy("llama3" if llama3 else "vicuna_v1", "", True)
 
 
 def main(argv=None) -> dict:

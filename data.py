@@ -363,41 +363,6 @@ def stop_ids(tokenizer: Tokenizer, eos_token_id) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# How a checkpoint's inputs were prepared (train.py records its run in config.json)
-
-
-def tokenizer_folder(model_dir, override=None) -> Path:
-    """--tokenizer, else the checkpoint's "tokenizer" entry (train.py records it; followed up the
-    "base.init" chain of stage checkpoints), else the model folder (llava-hf / LLaVA ship theirs)."""
-    if override:
-        return Path(override)
-    folder = Path(model_dir)
-    while True:
-        cfg = load_hf_config(folder)
-        for ref in (cfg.get("tokenizer"), (cfg.get("train") or {}).get("tokenizer")):
-            if ref:
-                p = Path(ref)
-                return p if p.exists() or p.is_absolute() else folder / p
-        parent = (cfg.get("base") or {}).get("init")
-        if not parent:
-            return Path(model_dir)
-        folder = Path(parent) if Path(parent).exists() else folder / parent
-
-
-def trained_pad_to_square(model_dir) -> bool:
-    """Whether images are padded to a square, as the checkpoint was trained: original LLaVA
-    records image_aspect_ratio; our checkpoints record their training run (LLaVA-1.5's scripts
-    pad for finetuning, not for pretraining); otherwise pad, as LLaVA-1.5 finetunes do."""
-    cfg = load_hf_config(model_dir)
-    if "image_aspect_ratio" in cfg:
-        return cfg["image_aspect_ratio"] == "pad"
-    train = cfg.get("train") or {}
-    if train.get("pad_to_square") is not None:
-        return bool(train["pad_to_square"])
-    return (cfg.get("stage") or train.get("stage")) != "pretrain"
-
-
-# ----------------------------------------------------------------------------------------------
 # Templates and label masking
 
 
@@ -430,6 +395,10 @@ TEMPLATES: dict[str, Template] = {
     "llama2": Template(
         prefix="", system="<<SYS>>\n{system}\n<</SYS>>\n\n",
         user="{bos} [INST] {input} [/INST]", assistant=" {output} {eos}", system_in_user=True),
+    # LLaVA-1.5 (Vicuna v1, llava/conversation.py's SeparatorStyle.TWO): "{system} USER: {q} ASSISTANT: {a}</s>USER: ..."
+    # The space before each answer is written here, as for llama2 (no sentencepiece dummy prefix).
+    "vicuna_v1": Template(prefix="{bos}", system="{system} ", user="USER: {input} ASSISTANT:",
+                          assistant=" {output}{eos}"),
     # Alignment on captions (LLaVA "plain"): BOS, the image, then caption + EOS supervised.
     "caption": Template(prefix="{bos}", system="", user="{input}", assistant="{output}{eos}", image_only_input=True),
     # Text stage: BOS + raw text + EOS, all supervised ({"id", "text"} records; prompts continue the text).
@@ -616,6 +585,96 @@ def encode_prompt(question: str, tokenizer: Tokenizer, template="llama3", *, sys
     inp = IMAGE_TOKEN + "\n" + question if has_image else question
     spans = _spans(t, tokenizer, [(inp, None)], system)
     return _tokenize(spans, tokenizer, num_image_tokens if has_image else 0, image_token_id)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# How a checkpoint's inputs were prepared (train.py records its run in config.json)
+
+
+def tokenizer_folder(model_dir, override=None) -> Path:
+    """--tokenizer, else the checkpoint's "tokenizer" entry (train.py records it; followed up the
+    "base.init" chain of stage checkpoints), else the model folder (llava-hf / LLaVA ship theirs)."""
+    if override:
+        return Path(override)
+    folder = Path(model_dir)
+    while True:
+        cfg = load_hf_config(folder)
+        for ref in (cfg.get("tokenizer"), (cfg.get("train") or {}).get("tokenizer")):
+            if ref:
+                p = Path(ref)
+                return p if p.exists() or p.is_absolute() else folder / p
+        parent = (cfg.get("base") or {}).get("init")
+        if not parent:
+            return Path(model_dir)
+        folder = Path(parent) if Path(parent).exists() else folder / parent
+
+
+@dataclass(frozen=True)
+class PromptPolicy:
+    """How a model's inputs are built, as it was trained: the chat template, the system prompt
+    ("" = none), and the image preprocessing. train.py records it in every checkpoint, convert.py
+    carries it into every export in the place the consumer reads, and eval.py uses it by default,
+    so one model is asked the same way whatever folder it sits in."""
+    template: str = "llama3"  # a TEMPLATES key
+    system: str = ""
+    pad_to_square: bool = True
+    image_mean: tuple = CLIP_MEAN
+    image_std: tuple = CLIP_STD
+
+    def to_dict(self) -> dict:
+        return {"template": self.template, "system": self.system, "pad_to_square": self.pad_to_square,
+                "image_mean": list(self.image_mean), "image_std": list(self.image_std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PromptPolicy":
+        return cls(template=d["template"], system=d.get("system", ""), pad_to_square=bool(d["pad_to_square"]),
+                   image_mean=tuple(d.get("image_mean", CLIP_MEAN)), image_std=tuple(d.get("image_std", CLIP_STD)))
+
+
+POLICY_KEY = "prompt_policy"  # the config.json key of ours and of our exports
+# LLaVA-1.5's conv_vicuna_v1 (llava/conversation.py), the prompt its evaluation scripts use.
+VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                    "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+def prompt_policy(model_dir) -> tuple[PromptPolicy, str]:
+    """The policy a checkpoint folder records, else what its layout implies; and where it came from.
+
+    Recorded: our checkpoints and our exports (config.json "prompt_policy"). Otherwise: our older
+    checkpoints by their stage, with no system prompt; any other folder by its image_aspect_ratio
+    (original LLaVA) or its processor's do_pad (llava-hf), and by its tokenizer: Llama-3 chat with no
+    system prompt (as xtuner's LLaVA-Llama-3 configs and Doctor Sun train), else LLaVA-1.5's Vicuna
+    conversation, whose system prompt is part of its format. The seed's evaluation prompt
+    (EVAL_SYSTEM) is an evaluation choice: eval.py --system.
+    """
+    cfg = load_hf_config(model_dir)
+    if POLICY_KEY in cfg:
+        return PromptPolicy.from_dict(cfg[POLICY_KEY]), f"recorded in {Path(model_dir) / 'config.json'}"
+    train = cfg.get("train") or {}
+    stage = cfg.get("stage") or train.get("stage")
+    proc = _read_json(os.path.join(os.fspath(model_dir), "preprocessor_config.json"))
+    if "image_aspect_ratio" in cfg:  # original LLaVA's setting
+        pad = cfg["image_aspect_ratio"] == "pad"
+    elif train.get("pad_to_square") is not None:
+        pad = bool(train["pad_to_square"])
+    elif stage:  # LLaVA-1.5's recipe: pretrain does not pad, finetune does
+        pad = stage != "pretrain"
+    else:  # llava-hf: LlavaImageProcessor pads when do_pad; CLIPImageProcessor never does
+        pad = bool(proc.get("do_pad", False)) if proc else True
+    norm = tuple(proc.get("image_mean", CLIP_MEAN)), tuple(proc.get("image_std", CLIP_STD))
+    if train or cfg.get("format") == "doctor-sun":  # ours, before policies were recorded: train.py uses no system prompt
+        template = {"text": "text", "pretrain": "caption"}.get(stage, "llama3")
+        return PromptPolicy(template, "", pad, *norm), f"implied by stage {stage!r} of {model_dir}"
+    llama3 = _has_llama3_chat(tokenizer_folder(model_dir))
+    template, system = ("llama3", "") if llama3 else ("vicuna_v1", VICUNA_V1_SYSTEM)
+    return PromptPolicy(template, system, pad, *norm), f"implied by the layout of {model_dir} (none recorded)"
+
+
+def _has_llama3_chat(folder: Path) -> bool:
+    try:
+        return load_tokenizer(folder).token_to_id("<|eot_id|>") is not None
+    except (FileNotFoundError, OSError, ValueError):
+        return False
 
 
 # ----------------------------------------------------------------------------------------------

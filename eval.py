@@ -28,6 +28,7 @@ import re
 import sys
 import time
 from collections import Counter
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,6 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-import checkpoint
 import data
 
 # ==============================================================================================
@@ -648,10 +648,6 @@ def format_table(task: str, summary: dict) -> str:
 
 
 
-def default_template(tok: data.Tokenizer) -> str:
-    return "llama3" if tok.token_to_id("<|eot_id|>") is not None else "llama2"
-
-
 def encode(ex: Example, tok, m, template, system) -> list[int]:
     """The generation prompt of one example; image placeholders expanded to the model's count."""
     return data.encode_prompt(ex.prompt, tok, template, system=system or None,
@@ -663,9 +659,10 @@ class PromptSet(torch.utils.data.Dataset):
     """Tokenised prompts (their lengths are needed up front, to sort) plus images, which are loaded
     and preprocessed here, inside DataLoader workers, while the model generates."""
 
-    def __init__(self, examples, prompts, image_size, pad_to_square, blank_images=False):
+    def __init__(self, examples, prompts, image_size, pad_to_square, blank_images=False,
+                 norm=(data.CLIP_MEAN, data.CLIP_STD)):
         self.examples, self.prompts = examples, prompts
-        self.image_size, self.pad_to_square, self.blank = image_size, pad_to_square, blank_images
+        self.image_size, self.pad_to_square, self.blank, self.norm = image_size, pad_to_square, blank_images, norm
 
     def __len__(self):
         return len(self.examples)
@@ -680,7 +677,8 @@ class PromptSet(torch.utils.data.Dataset):
                 return {"id": ex.id, "skip": e.reason, "detail": str(e)}
             if self.blank:
                 img = Image.new("RGB", (self.image_size,) * 2, data.CLIP_FILL)
-            item["pixel_values"] = data.preprocess_image(img, self.image_size, self.pad_to_square)
+            item["pixel_values"] = data.preprocess_image(img, self.image_size, self.pad_to_square,
+                                                         mean=self.norm[0], std=self.norm[1])
         return item
 
 
@@ -697,8 +695,9 @@ def decode_answer(row: list[int], tok, stops) -> str:
 
 
 @torch.no_grad()
-def generate_answers(m, tok, examples: list[Example], *, template="llama3", system=data.EVAL_SYSTEM,
-                     batch_size=16, max_new_tokens=64, pad_to_square=True, blank_images=False,
+def generate_answers(m, tok, examples: list[Example], *, template="llama3", system="",
+                     batch_size=16, max_new_tokens=64, pad_to_square=True, norm=(data.CLIP_MEAN, data.CLIP_STD),
+                     blank_images=False,
                      do_sample=False, temperature=1.0, top_p=1.0, top_k=0, seed=0, num_workers=2,
                      progress=True) -> tuple[dict, dict, float]:
     """Answers for every example: ({id: text}, {id: (skip reason, detail)}, seconds).
@@ -712,7 +711,7 @@ def generate_answers(m, tok, examples: list[Example], *, template="llama3", syst
     prompts = [encode(ex, tok, m, template, system) for ex in examples]
     order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))
     loader = torch.utils.data.DataLoader(
-        PromptSet(examples, prompts, m.config.vision.image_size, pad_to_square, blank_images),
+        PromptSet(examples, prompts, m.config.vision.image_size, pad_to_square, blank_images, norm),
         batch_sampler=[order[i:i + batch_size] for i in range(0, len(order), batch_size)],
         collate_fn=functools.partial(_collate, pad_id=tok.pad_id), num_workers=num_workers)
     gen = torch.Generator(device).manual_seed(seed) if do_sample else None
@@ -758,8 +757,8 @@ class TokenPrinter:
             self.shown = text
 
 
-def ask(m, tok, question: str, image=None, *, template="llama3", system=data.EVAL_SYSTEM, pad_to_square=True,
-        max_new_tokens=256, stream=True, **sampling) -> str:
+def ask(m, tok, question: str, image=None, *, template="llama3", system="", pad_to_square=True,
+        norm=(data.CLIP_MEAN, data.CLIP_STD), max_new_tokens=256, stream=True, **sampling) -> str:
     """One question, with an optional image (path: DICOM, PNG, JPG ...), answer streamed to stdout."""
     device, dtype = m.llm.embed_tokens.weight.device, m.llm.embed_tokens.weight.dtype
     ex = Example(id="0", question=question, gold="", image=image, prompt=question)
@@ -767,7 +766,8 @@ def ask(m, tok, question: str, image=None, *, template="llama3", system=data.EVA
     pix = None
     if image is not None:
         img = data.load_image(image)
-        pix = data.preprocess_image(img, m.config.vision.image_size, pad_to_square)[None].to(device, dtype)
+        pix = data.preprocess_image(img, m.config.vision.image_size, pad_to_square, mean=norm[0],
+                                    std=norm[1])[None].to(device, dtype)
     stops = data.stop_ids(tok, m.config.llm.eos_token_id)
     printer = TokenPrinter(tok, stops) if stream else None
     out = m.generate(ids, pix, None, max_new_tokens, stop_token_ids=stops, pad_token_id=tok.pad_id,
@@ -841,9 +841,11 @@ def parse_args(argv=None):
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g = p.add_argument_group("prompt and decoding")
-    g.add_argument("--template", choices=sorted(data.TEMPLATES), help="default: llama3 if the tokenizer has <|eot_id|>, else llama2")
-    g.add_argument("--system", help=f"system prompt (default: as the checkpoint was trained — none for this "
-                                     f"project's checkpoints — else {data.EVAL_SYSTEM!r}; '' for none)")
+    g.add_argument("--template", choices=sorted(data.TEMPLATES),
+                   help="default: the checkpoint's prompt policy (data.prompt_policy)")
+    g.add_argument("--system", help=f"system prompt (default: the checkpoint's prompt policy, as it was trained: none "
+                                     f"for Llama-3 models, LLaVA-1.5's for Vicuna ones; the seed evaluated with "
+                                     f"{data.EVAL_SYSTEM!r})")
     g.add_argument("--yes-no-hint", choices=["auto", "on", "off"], default="auto",
                    help=f"prefix {data.YES_NO_HINT.strip()!r} to yes/no questions (auto: on for vqa-rad, slake, pathvqa)")
     g.add_argument("--pad-to-square", action=argparse.BooleanOptionalAction, default=None,
@@ -890,7 +892,9 @@ def resolve_mode(args, error) -> str:
 
 
 def load_model(args):
-    """(model, tokenizer, template, system prompt, pad_to_square) from the CLI arguments."""
+    """(model, tokenizer, prompt policy) from the CLI arguments. The policy is what the checkpoint
+    records (or its layout implies), whatever container it is in; --template, --system and
+    --pad-to-square override its parts. Which one was used is printed and kept in the summary."""
     import model
 
     device = torch.device(args.device)
@@ -901,22 +905,14 @@ def load_model(args):
         raise FileNotFoundError(f"tokenizer folder {tok_dir} (found via {args.model}) does not exist; "
                                 f"pass --tokenizer DIR")
     tok = data.load_tokenizer(tok_dir)
-    pad = args.pad_to_square if args.pad_to_square is not None else data.trained_pad_to_square(args.model)
-    template = args.template or default_template(tok)
-    return m, tok, template, _default_system(args, template), pad
-
-
-def _default_system(args, template) -> str:
-    """--system, else the prompt the checkpoint was trained with: our stage checkpoints record
-    their run, and train.py (like Doctor Sun's xtuner configs) uses none. Any other checkpoint gets
-    Doctor Sun's evaluation prompt, where the template has a system block."""
-    if args.system is not None:
-        return args.system
-    cfg = checkpoint.load_hf_config(args.model)
-    system = cfg.get("train", {}).get("system")
-    if system is not None:
-        return system
-    return data.EVAL_SYSTEM if data.TEMPLATES[template].system and "train" not in cfg else ""
+    policy, where = data.prompt_policy(args.model)
+    flags = {"template": args.template, "system": args.system, "pad_to_square": args.pad_to_square}
+    policy = dataclasses.replace(policy, **{k: v for k, v in flags.items() if v is not None})
+    overridden = [k for k, v in flags.items() if v is not None]
+    print(f"prompt policy: template {policy.template}, system {policy.system!r}, pad_to_square "
+          f"{policy.pad_to_square} ({where}" + (f"; overridden: {', '.join(overridden)})" if overridden else ")"),
+          file=sys.stderr)
+    return m, tok, policy, where
 
 
 def _sampling(args) -> dict:
@@ -925,9 +921,10 @@ def _sampling(args) -> dict:
 
 def run_ask(args) -> int:
     """--question [--image]: stream one answer."""
-    m, tok, template, system, pad = load_model(args)
+    m, tok, policy, _ = load_model(args)
     gen = torch.Generator(m.llm.embed_tokens.weight.device).manual_seed(args.seed) if args.do_sample else None
-    ask(m, tok, args.question, args.image, template=template, system=system, pad_to_square=pad,
+    ask(m, tok, args.question, args.image, template=policy.template, system=policy.system,
+        pad_to_square=policy.pad_to_square, norm=(policy.image_mean, policy.image_std),
         max_new_tokens=args.max_new_tokens or 256, generator=gen, **_sampling(args))
     return 0
 
@@ -954,17 +951,17 @@ def run_rescore(args) -> int:
 def run_evaluate(args) -> int:
     """--model: generate an answer to every question, then score."""
     examples = _task_examples(args)
-    m, tok, template, system, pad = load_model(args)
+    m, tok, policy, where = load_model(args)
     max_new = args.max_new_tokens or (256 if args.task == "caption" else 64)
     answers, skipped, seconds = generate_answers(
-        m, tok, examples, template=template, system=system, batch_size=args.batch_size,
-        max_new_tokens=max_new, pad_to_square=pad, blank_images=args.blank_images, seed=args.seed,
-        num_workers=args.workers, **_sampling(args))
+        m, tok, examples, template=policy.template, system=policy.system, batch_size=args.batch_size,
+        max_new_tokens=max_new, pad_to_square=policy.pad_to_square, norm=(policy.image_mean, policy.image_std),
+        blank_images=args.blank_images, seed=args.seed, num_workers=args.workers, **_sampling(args))
     for qid, (reason, detail) in list(skipped.items())[:10]:
         print(f"skipped {qid}: {detail}", file=sys.stderr)
     settings = {"task": args.task, "data": str(args.data), "n_questions": len(examples),
-                "model": str(args.model), "template": template, "system": system or None,
-                "pad_to_square": pad, "blank_images": args.blank_images, "max_new_tokens": max_new,
+                "model": str(args.model), "template": policy.template, "system": policy.system or None,
+                "pad_to_square": policy.pad_to_square, "prompt_policy": where, "blank_images": args.blank_images, "max_new_tokens": max_new,
                 "batch_size": args.batch_size, "dtype": str(m.llm.embed_tokens.weight.dtype),
                 "decoding": "sample" if args.do_sample else "greedy", "seconds": round(seconds, 2),
                 "samples_per_s": round(len(examples) / max(seconds, 1e-9), 3)}

@@ -68,12 +68,14 @@ ROOT = Path(__file__).resolve().parent
 # What trains in each stage (Doctor Sun's recipe: continued pretraining of the LLM on text, then
 # LLaVA-1.5's feature alignment and instruction tuning). Everything not listed is frozen
 # (requires_grad=False); `vision_lora` is the default LoRA rank on every ViT linear layer (0: none);
-# `parent` is the stage whose checkpoint this one starts from.
+# `parent` is the stage whose checkpoint this one starts from. Pretrain wraps each caption in the
+# Llama-3 chat template, as the seed's xtuner config (..._sharegpt4v_pretrain: llama3_chat) does; the
+# demo keeps LLaVA's plain caption template (`demo_template`), whose shorter samples it was tuned on.
 STAGES = {
     "text": dict(train=("llm",), template="text", pad_to_square=False, vision_lora=0, parent=None,
                  demo_data="text.jsonl"),
-    "pretrain": dict(train=("projector",), template="caption", pad_to_square=False, vision_lora=0,
-                     parent="text", demo_data="pretrain.json"),
+    "pretrain": dict(train=("projector",), template="llama3", pad_to_square=False, vision_lora=0,
+                     parent="text", demo_data="pretrain.json", demo_template="caption"),
     "finetune": dict(train=("llm", "projector"), template="llama3", pad_to_square=True, vision_lora=64,
                      parent="pretrain", demo_data="finetune.json"),
 }
@@ -115,6 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("data")
     g.add_argument("--data", help="file[:ratio][@image_root],... (data.parse_data_spec); default: the demo")
     g.add_argument("--max-length", type=int, help="tokens per sample, image positions included")
+    g.add_argument("--template", choices=sorted(data.TEMPLATES),
+                   help="chat template (default: the stage's; pretrain: llama3, or caption for the demo)")
     g.add_argument("--on-bad", default="skip", choices=["skip", "error"], help="bad samples: count and skip, or stop")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("optimisation (defaults per stage: HPARAMS, DEMO_HPARAMS for the tiny preset)")
@@ -158,6 +162,7 @@ class RunConfig:
     lora_dropout: float
     gradient_checkpointing: bool
     data: str
+    template: str
     max_length: int
     on_bad: str
     workers: int
@@ -198,6 +203,8 @@ def resolve(args: argparse.Namespace, parent: RunConfig | None = None) -> RunCon
         settings["lr"] = LLM_LORA_LR if args.llm_lora and not demo else hp["lr"]
     if args.vision_lora is None:
         settings["vision_lora"] = stage["vision_lora"]
+    if args.template is None:
+        settings["template"] = stage.get("demo_template", stage["template"]) if demo else stage["template"]
     if args.data is None:
         if not demo:
             raise SystemExit("--data is required with real models (file[:ratio][@image_root],...)")
@@ -440,7 +447,7 @@ def dry_run(run) -> None:
     print(f"tokens per step: <= {run.global_batch} samples x {L} = {run.global_batch * L:,} "
           f"(a sample holds {m.num_image_tokens} image positions when it has an image)")
     try:
-        ds = data.SupervisedDataset(data.parse_data_spec(run.data), None, template=STAGES[run.stage]["template"],
+        ds = data.SupervisedDataset(data.parse_data_spec(run.data), None, template=run.template,
                                     num_image_tokens=m.num_image_tokens)
         mean = sum(ds.lengths) / max(1, len(ds))
         print(f"data: {len(ds):,} samples, ~{mean:.0f} tokens each (estimate) -> ~{run.global_batch * mean:,.0f} "
@@ -484,7 +491,7 @@ def print_memory_table(run, cfg: model.ModelConfig, counts: dict, b: int) -> Non
 def make_dataset(run, m: model.DoctorSun, tokenizer) -> data.SupervisedDataset:
     stage = STAGES[run.stage]
     return data.SupervisedDataset(
-        data.parse_data_spec(run.data), tokenizer, template=stage["template"],
+        data.parse_data_spec(run.data), tokenizer, template=run.template,
         num_image_tokens=m.num_image_tokens, image_token_id=m.image_token_id, max_length=run.max_length,
         image_size=m.config.vision.image_size, pad_to_square=stage["pad_to_square"], on_bad=run.on_bad,
         seed=run.seed)
@@ -637,8 +644,10 @@ def save(t: Trainer, step: int, micro_done: int, tag: str) -> Path:
     (tmp / "rng" / f"rank{rank}.json").write_text(json.dumps(rng_state()))
     torch.distributed.barrier()
     if rank == 0:
+        policy = data.PromptPolicy(run.template, "", STAGES[run.stage]["pad_to_square"])  # no system prompt
         model.save_pretrained(t.model, tmp, state_dict=sd, base=t.base, lora_configs=t.lora,
-                              extra={"stage": run.stage, "tokenizer": run.tokenizer, "train": asdict(run)})
+                              extra={"stage": run.stage, "tokenizer": run.tokenizer, "train": asdict(run),
+                                     data.POLICY_KEY: policy.to_dict()})
         files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
         state = {"step": step, "micro_batches": micro_done, "world_size": t.world, "seed": run.seed,
                  "stage": run.stage, "total_steps": t.total_steps, "files": files}

@@ -431,3 +431,109 @@ def test_errors_name_the_problem_and_leave_nothing(tmp_path, ours, tok_dir, monk
     with pytest.raises(FileNotFoundError, match="no tokenizer"):
         run("--to", "llava-hf", folder, tmp_path / "o7", "--tokenizer", tmp_path / "bert")
     assert not (tmp_path / "o7").exists() and not (tmp_path / "o8").exists() and leftovers(tmp_path) == []
+
+
+# ---- the prompt policy survives every import and export ---------------------------------------------
+
+def test_llava_hf_round_trip_keeps_preprocessing_and_logits(tmp_path, tok_dir):
+    """A llava-hf model whose processor does not pad (CLIPImageProcessor): imported and exported
+    again, transformers' processor gives the same pixels and the model the same logits."""
+    ref = save_ours(tmp_path / "ckpt", tok_dir, seed=5)
+    policy = data.PromptPolicy("llama3", "", pad_to_square=False)
+    run("--to", "llava-hf", tmp_path / "ckpt", tmp_path / "x", "--dtype", "float32", "--image-aspect-ratio", "square")
+    proc_cfg = json.loads((tmp_path / "x" / "preprocessor_config.json").read_text())
+    # As llava-hf models on the hub ship it: a plain CLIPImageProcessor, no policy of ours.
+    proc_cfg = {k: v for k, v in proc_cfg.items() if k != "do_pad"} | {"image_processor_type": "CLIPImageProcessor"}
+    convert.write_json(tmp_path / "x" / "preprocessor_config.json", proc_cfg)
+    cfg = json.loads((tmp_path / "x" / "config.json").read_text())
+    del cfg[data.POLICY_KEY]
+    convert.write_json(tmp_path / "x" / "config.json", cfg)
+    assert data.prompt_policy(tmp_path / "x")[0].pad_to_square is False  # read from the processor
+
+    run("--from", "llava-hf", tmp_path / "x", tmp_path / "ours", "--dtype", "float32")
+    run("--to", "llava-hf", tmp_path / "ours", tmp_path / "y", "--dtype", "float32")
+    (hx, px), (hy, py) = load_hf(tmp_path / "x"), load_hf(tmp_path / "y")
+    ex, ey = processor_inputs(px), processor_inputs(py)
+    assert torch.equal(ex["pixel_values"], ey["pixel_values"])  # a padding processor would differ
+    assert ex["input_ids"].tolist() == ey["input_ids"].tolist()
+    with torch.no_grad():
+        lx, ly = hx(**ex).logits, hy(**ey).logits
+    print(f"\nllava-hf -> ours -> llava-hf: max |logit diff| {(lx - ly).abs().max():.1e}")
+    assert torch.equal(lx, ly)
+    assert data.prompt_policy(tmp_path / "ours")[0] == data.prompt_policy(tmp_path / "y")[0] == policy
+
+
+def test_system_prompt_is_the_checkpoints_in_every_container(tmp_path, tok_dir):
+    """The policy travels with the weights: eval's default prompt is the same for our checkpoint, its
+    llava-hf export and its original-LLaVA export; a recorded system prompt is the export's chat
+    template default, rendered by transformers to the ids we build."""
+    import eval as E
+
+    ref = save_ours(tmp_path / "ckpt", tok_dir, seed=6)
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    system = "You are a careful radiologist. 请用中文或英文回答。"
+    cfg[data.POLICY_KEY] = data.PromptPolicy("llama3", system, True).to_dict()
+    convert.write_json(tmp_path / "ckpt" / "config.json", cfg)
+    run("--to", "llava-hf", tmp_path / "ckpt", tmp_path / "hf", "--dtype", "float32")
+    run("--to", "llava", tmp_path / "ckpt", tmp_path / "llava", "--dtype", "float32")
+    policies = {p: data.prompt_policy(tmp_path / p)[0] for p in ("ckpt", "hf", "llava")}
+    assert len(set(policies.values())) == 1 and policies["hf"].system == system, policies
+    args = E.parse_args(["--model", str(tmp_path / "hf"), "--question", "q"])
+    assert E.load_model(args)[2].system == system
+
+    _, proc = load_hf(tmp_path / "hf")
+    enc = processor_inputs(proc)
+    ids = data.encode_prompt(QUESTION, data.load_tokenizer(tok_dir), system=system, has_image=True,
+                             num_image_tokens=ref.num_image_tokens)
+    image_id = json.loads((tmp_path / "hf" / "config.json").read_text())["image_token_index"]
+    assert enc["input_ids"][0].tolist() == [image_id if i == data.IMAGE_TOKEN_ID else i for i in ids]
+
+
+def test_vicuna_llava_is_asked_as_llava_1_5(tmp_path):
+    """A LLaVA-1.5 folder (no Llama-3 chat tokens, no recorded policy) gets LLaVA's conv_vicuna_v1:
+    the prompt llava/conversation.py's SeparatorStyle.TWO builds, and our llava-hf export renders it
+    through transformers' chat template to the same ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(TEXTS + [data.VICUNA_V1_SYSTEM] * 5, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.save(str(tok_dir / "tokenizer.json"))
+    convert.write_json(tok_dir / "tokenizer_config.json", {"bos_token": "<s>", "eos_token": "</s>"})
+    tok = data.load_tokenizer(tok_dir)
+
+    m = model.build(tiny_model_config(tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id), seed=7)
+    model.save_pretrained(m, tmp_path / "ckpt", extra={"tokenizer": str(tok_dir)})
+    run("--to", "llava", tmp_path / "ckpt", tmp_path / "llava15", "--dtype", "float32")
+    cfg = json.loads((tmp_path / "llava15" / "config.json").read_text())
+    del cfg[data.POLICY_KEY]  # as LLaVA-1.5 releases are: image_aspect_ratio only
+    convert.write_json(tmp_path / "llava15" / "config.json", cfg)
+    run("--from", "llava", tmp_path / "llava15", tmp_path / "ours", "--dtype", "float32")
+    policy, _ = data.prompt_policy(tmp_path / "ours")
+    assert policy == data.PromptPolicy("vicuna_v1", data.VICUNA_V1_SYSTEM, True)
+
+    # llava/conversation.py, Conversation.get_prompt for SeparatorStyle.TWO (sep " ", sep2 "</s>"):
+    # system + sep, then "ROLE: message" + seps[i % 2] per message, and "ROLE:" for the open answer.
+    msgs = [("USER", "<image>\n" + QUESTION), ("ASSISTANT", "yes"), ("USER", "Where?"), ("ASSISTANT", None)]
+    llava = data.VICUNA_V1_SYSTEM + " "
+    for i, (role, text) in enumerate(msgs):
+        llava += f"{role}: {text}" + [" ", "</s>"][i % 2] if text else f"{role}:"
+    conv = [{"from": "human", "value": "<image>\n" + QUESTION}, {"from": "gpt", "value": "yes"},
+            {"from": "human", "value": "Where?"}]
+    ids, _ = data.encode_conversation(conv + [{"from": "gpt", "value": "x"}], tok, policy.template,
+                                      system=policy.system, num_image_tokens=1)
+    ours = tok.decode(ids[:ids.index(data.IMAGE_TOKEN_ID)], skip_special_tokens=False) + "<image>" + \
+        tok.decode(ids[ids.index(data.IMAGE_TOKEN_ID) + 1:], skip_special_tokens=False)
+    assert ours == "<s>" + llava + " x</s>"
+
+    run("--to", "llava-hf", tmp_path / "ours", tmp_path / "hf", "--dtype", "float32")
+    proc = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
+    enc = processor_inputs(proc)
+    prompt = data.encode_prompt(QUESTION, tok, policy.template, system=policy.system, has_image=True,
+                                num_image_tokens=m.num_image_tokens)
+    image_id = json.loads((tmp_path / "hf" / "config.json").read_text())["image_token_index"]
+    assert enc["input_ids"][0].tolist() == [image_id if i == data.IMAGE_TOKEN_ID else i for i in prompt]

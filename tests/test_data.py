@@ -322,10 +322,11 @@ def test_checkpoint_metadata(tmp_path):
     assert data.tokenizer_folder(child) == base / "tok"  # followed up base.init, relative to its folder
     assert data.tokenizer_folder(child, "/x/tok") == Path("/x/tok")  # --tokenizer wins
     assert data.tokenizer_folder(hf) == hf  # llava-hf / LLaVA folders ship their own
-    assert not data.trained_pad_to_square(base) and data.trained_pad_to_square(child)
-    assert not data.trained_pad_to_square(hf)  # image_aspect_ratio wins over the stage
-    assert not data.trained_pad_to_square(folder("np", {"stage": "finetune", "train": {"pad_to_square": False}}))
-    assert data.trained_pad_to_square(folder("plain", {}))
+    pad = lambda f: data.prompt_policy(f)[0].pad_to_square  # noqa: E731
+    assert not pad(base) and pad(child)
+    assert not pad(hf)  # image_aspect_ratio wins over the stage
+    assert not pad(folder("np", {"stage": "finetune", "train": {"pad_to_square": False}}))
+    assert pad(folder("plain", {}))
 
 
 def test_llama3_layout_and_labels_with_image_and_system(tok3):

@@ -484,7 +484,9 @@ def test_end_to_end(tiny, tmp_path, capsys):
     assert (s["n"], s["n_closed"], s["n_open"]) == (16, 9, 7)
     assert s["by_lang"]["en"]["n"] == 10 and s["by_lang"]["zh"]["n"] == 6
     assert s["by_answer_type"]["CLOSED"]["n"] == 9 and s["llava_med"]["n_closed"] == 9
-    assert s["settings"]["system"] == data.EVAL_SYSTEM and s["settings"]["decoding"] == "greedy"
+    # The checkpoint's prompt policy (ours record none: no system prompt), whatever folder it is in.
+    assert s["settings"]["system"] is None and s["settings"]["decoding"] == "greedy"
+    assert "implied by stage 'finetune'" in s["settings"]["prompt_policy"]
     assert s["settings"]["pad_to_square"] is True and s["settings"]["samples_per_s"] > 0
     assert "closed_accuracy" in capsys.readouterr().out
 
@@ -562,7 +564,8 @@ def test_single_image_mode_streams(tiny, tmp_path, capsys):
         assert E.main(["--model", str(tiny["ckpt"]), "--image", image, "--question", "这张CT有什么异常？",
                        "--max-new-tokens", "12"]) == 0
         streamed = capsys.readouterr().out
-        answer = E.ask(tiny["model"], tiny["tok"], "这张CT有什么异常？", image, max_new_tokens=12, stream=False)
+        answer = E.ask(tiny["model"], tiny["tok"], "这张CT有什么异常？", image, max_new_tokens=12, stream=False,
+                       system="")  # the checkpoint's policy: ours train with no system prompt
         assert streamed.strip() == answer and streamed.endswith("\n")
 
 

@@ -174,6 +174,25 @@ def test_stage_rules_exactly_the_intended_parameters_change(parts, chain):
     assert cfg["lora"]["vision"]["r"] == 4 and cfg["train"]["lr"] == 1e-3 and cfg["tokenizer"] == str(parts["tok"])
 
 
+def test_pretrain_template_follows_the_seed_and_every_checkpoint_records_its_policy(parts, chain, tmp_path):
+    """Real models pretrain with captions inside the Llama-3 chat template (the seed's xtuner
+    ..._sharegpt4v_pretrain config: llama3_chat, SYSTEM "", no padding); the demo keeps LLaVA's plain
+    caption template; --template chooses. Each checkpoint records the policy eval and convert use."""
+    real = train.resolve(train.parse_args(common(parts, "pretrain", **{"--vision": parts["clip"],
+                                                                        "--llm": parts["llama"]})))
+    assert real.template == "llama3"
+    plain = train.resolve(train.parse_args(common(parts, "pretrain", **{"--vision": parts["clip"], "--llm": parts["llama"],
+                                                                         "--template": "caption"})))
+    assert plain.template == "caption"
+    demo_run = train.resolve(train.parse_args(["--stage", "pretrain", "--runs", str(tmp_path), "--dry-run"]))
+    assert demo_run.template == "caption"
+    # The chain's pretrain ran from --init of a checkpoint of HF folders: a real model, so llama3.
+    expected = {"text": ("text", False), "pretrain": ("llama3", False), "finetune": ("llama3", True)}
+    for stage, (template, pad) in expected.items():
+        policy, where = data.prompt_policy(chain / stage / "final")
+        assert policy == data.PromptPolicy(template, "", pad) and where.startswith("recorded"), (stage, policy)
+
+
 def test_stage_table_trainable_sets_and_default_save_keys():
     """Without --save-full a checkpoint holds the trained weights plus parts no base path can
     re-create; frozen parameters have requires_grad=False (no autograd state)."""
