@@ -345,9 +345,9 @@ def tiktoken_tokenizer(path):
 
 class Tokenizer:
     """One interface over HF `tokenizers` (tokenizer.json: Llama-3 byte-level BPE; or Meta's tiktoken
-    tokenizer.model, converted) and `sentencepiece` (tokenizer.model: Llama-2). `encode` never adds BOS/EOS and tokenises the text
-    as it would tokenise inside a longer string, so template pieces concatenate to the tokens of
-    the whole prompt: special-token strings in text stay text, and sentencepiece's dummy-prefix
+    tokenizer.model, converted) and `sentencepiece` (tokenizer.model: Llama-2). `encode` never adds
+    BOS/EOS and tokenises the text as it would tokenise inside a longer string, so template pieces
+    concatenate to the tokens of the whole prompt: special-token strings in text stay text, and sentencepiece's dummy-prefix
     space is off (HF's LlamaTokenizer legacy=False does the same; templates write that space)."""
 
     def __init__(self, folder):
