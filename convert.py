@@ -263,7 +263,8 @@ def from_meta(src: Path, out: Path, *, dtype: torch.dtype | None, max_shard_byte
     tok.save(str(out / "tokenizer.json"))
     special = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}  # Meta's bos_id / eos_id
     write_json(out / "tokenizer_config.json", {
-        **special, "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
+        **special, "chat_template": CHAT_TEMPLATE,  # on string contents, Llama-3's own template
+        "clean_up_tokenization_spaces": False,
         "added_tokens_decoder": {str(i): {"content": t.content, "lstrip": False, "normalized": False, "rstrip": False,
                                           "single_word": False, "special": True}
                                  for i, t in sorted(tok.get_added_tokens_decoder().items())},
@@ -337,7 +338,8 @@ def main(argv=None) -> dict:
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--to", choices=["llava-hf", "llava"], help="export one of our checkpoints")
     way.add_argument("--from", dest="src_format", choices=["llava-hf", "llava", "xtuner", "meta"],
-                     help="import a foreign checkpoint into our format")
+                     help="import a foreign checkpoint into our format (meta: into a transformers "
+                          "Llama folder)")
     p.add_argument("src", help="CHECKPOINT (with --to) or SRC folder (with --from)")
     p.add_argument("out", help="output folder (must not exist)")
     p.add_argument("--dtype", choices=sorted(DTYPES),
