@@ -5,6 +5,7 @@
     python convert.py --from llava-hf SRC OUT
     python convert.py --from llava    SRC OUT [--vision CLIP_DIR]
     python convert.py --from xtuner   SRC OUT --vision CLIP_DIR [--llm BASE_LLM_DIR]
+    python convert.py --from meta     META_DIR OUT [--dtype D] [--max-shard-size 5GB]
 
 CHECKPOINT is any folder `model.from_pretrained` reads (LoRA adapters are merged on load).
 
@@ -16,6 +17,10 @@ CHECKPOINT is any folder `model.from_pretrained` reads (LoRA adapters are merged
   the `mm_*` fields, the vision tower merged into the weights.
 - xtuner: what xtuner's `pth_to_hf` writes for a LLaVA model (`llm/` or `llm_adapter/`,
   `projector/`, `visual_encoder_adapter/`) plus the base CLIP; peft LoRA adapters are merged.
+- meta: Meta's native Llama 3 / 3.1 release (consolidated.00.pth, params.json, tiktoken
+  tokenizer.model) -> a transformers LlamaForCausalLM folder with its tokenizer.json and chat
+  template: an LLM to start training from, in the form every tool reads (train.py --llm reads
+  the Meta folder directly too). The weights keep the source's dtype unless --dtype is given.
 
 The key tables and config translations live in formats.py, which reads and writes each layout
 through the same table; this file adds what a consumer needs besides weights (tokenizer, chat
@@ -40,6 +45,7 @@ import checkpoint
 import clip
 import data
 import formats
+import llama
 import model
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -262,6 +268,42 @@ def to_llava(m: model.DoctorSun, tok_dir: Path, out: Path, final_out: Path, *, d
     return {"mm_vision_tower": tower}
 
 
+# ---- Meta's native Llama 3 -> transformers LlamaForCausalLM ------------------------------------------
+
+def from_meta(src: Path, out: Path, *, dtype: torch.dtype | None, max_shard_bytes: int | None) -> dict:
+    """Weights under HF names (llama.py's HF table inverted), config.json, generation_config.json, and
+    the tiktoken tokenizer.model as tokenizer.json + tokenizer_config.json (Llama-3 chat template)."""
+    tm = src / "tokenizer.model"
+    if not (tm.is_file() and data.is_tiktoken_file(tm)):
+        raise FileNotFoundError(f"{tm}: Meta's tiktoken tokenizer.model is missing (or is not in tiktoken "
+                                f"format); it ships beside consolidated.00.pth")
+    cfg, state = formats.read_meta_llama(src, dtype)
+    tok = data.tiktoken_tokenizer(tm)
+    if tok.get_vocab_size(with_added_tokens=True) != cfg.vocab_size:
+        raise ValueError(f"{tm} has {tok.get_vocab_size(with_added_tokens=True)} ids but {src}/params.json "
+                         f"says vocab_size {cfg.vocab_size}: not this model's tokenizer")
+    dtype = dtype or state["embed_tokens.weight"].dtype  # as Meta shipped it (bf16)
+    checkpoint.save_state(formats.export_state(state, llama.HF_KEY_MAP, dtype), out, max_shard_bytes=max_shard_bytes)
+    write_json(out / "config.json", {**llama.config_to_hf(cfg), "dtype": str(dtype).removeprefix("torch.")})
+    write_json(out / "generation_config.json", {"bos_token_id": cfg.bos_token_id,
+                                                "eos_token_id": cfg.eos_token_id, "do_sample": False})
+    tok.save(str(out / "tokenizer.json"))
+    special = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}  # Meta's bos_id / eos_id
+    template = chat_template(data.PromptPolicy("llama3", ""))  # on string contents, Llama-3's own template
+    write_json(out / "tokenizer_config.json", {
+        **special, "chat_template": template,
+        "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": {str(i): {"content": t.content, "lstrip": False, "normalized": False, "rstrip": False,
+                                          "single_word": False, "special": True}
+                                 for i, t in sorted(tok.get_added_tokens_decoder().items())},
+        "model_input_names": ["input_ids", "attention_mask"], "model_max_length": cfg.max_position_embeddings,
+        "tokenizer_class": "PreTrainedTokenizerFast"})
+    write_json(out / "special_tokens_map.json", special)
+    (out / "chat_template.jinja").write_text(template)
+    return {"vocab_size": cfg.vocab_size, "dtype": str(dtype).removeprefix("torch."),
+            "layers": cfg.num_hidden_layers}
+
+
 # ---- driver -----------------------------------------------------------------------------------------
 
 def convert(args: argparse.Namespace) -> dict:
@@ -298,6 +340,9 @@ def _convert_into(args: argparse.Namespace, tmp: Path, out: Path) -> dict:
         return to_llava(m, tok_dir, tmp, out, dtype=dtype, policy=policy, max_shard_bytes=shard,
                         vision_tower=args.vision_tower)
 
+    if args.src_format == "meta":  # an LLM alone, written as transformers' LlamaForCausalLM
+        return from_meta(src, tmp, dtype=DTYPES[args.dtype] if args.dtype else None,
+                         max_shard_bytes=parse_size(args.max_shard_size or "5GB"))
     dtype = DTYPES[args.dtype or "bfloat16"]
     if args.src_format == "xtuner":
         fields, state = formats.read_xtuner(src, args.vision, args.llm, dtype)
@@ -331,17 +376,20 @@ def main(argv=None) -> dict:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--to", choices=["llava-hf", "llava"], help="export one of our checkpoints")
-    way.add_argument("--from", dest="src_format", choices=["llava-hf", "llava", "xtuner"],
-                     help="import a foreign checkpoint into our format")
+    way.add_argument("--from", dest="src_format", choices=["llava-hf", "llava", "xtuner", "meta"],
+                     help="import a foreign checkpoint into our format (meta: into a transformers "
+                          "Llama folder)")
     p.add_argument("src", help="CHECKPOINT (with --to) or SRC folder (with --from)")
     p.add_argument("out", help="output folder (must not exist)")
     p.add_argument("--dtype", choices=sorted(DTYPES),
-                   help="weights dtype (default: float16 for --to llava, bfloat16 otherwise)")
+                   help="weights dtype (default: float16 for --to llava, the source's for --from meta, "
+                        "bfloat16 otherwise)")
     p.add_argument("--tokenizer", help="--to: tokenizer folder (default: the checkpoint's recorded one, "
                                        "else the checkpoint folder)")
     p.add_argument("--pad-vocab-to", type=int, metavar="N",
                    help="--to llava-hf: round the embedding rows up to a multiple of N (e.g. 64)")
-    p.add_argument("--max-shard-size", help="--to: shard cap, e.g. 2GB (default: 2GB for llava, 5GB for llava-hf)")
+    p.add_argument("--max-shard-size", help="--to / --from meta: shard cap, e.g. 2GB (default: 2GB for llava, "
+                                            "5GB otherwise)")
     p.add_argument("--image-aspect-ratio", choices=["pad", "square"],
                    help="--to: pad images to a square before resizing (default: as the checkpoint trained)")
     p.add_argument("--vision-tower", help="--to llava: the mm_vision_tower to record (default: the hub "
@@ -350,7 +398,8 @@ def main(argv=None) -> dict:
     p.add_argument("--llm", help="--from xtuner: the base LLM folder (for llm_adapter/, or a frozen LLM)")
     args = p.parse_args(argv)
     # An option meant for another direction would be silently ignored: refuse it instead.
-    allowed = {"tokenizer": bool(args.to), "max_shard_size": bool(args.to), "image_aspect_ratio": bool(args.to),
+    allowed = {"tokenizer": bool(args.to), "image_aspect_ratio": bool(args.to),
+               "max_shard_size": bool(args.to) or args.src_format == "meta",
                "pad_vocab_to": args.to == "llava-hf", "vision_tower": args.to == "llava",
                "vision": args.src_format in ("llava", "xtuner"), "llm": args.src_format == "xtuner"}
     for opt, ok in allowed.items():

@@ -11,6 +11,7 @@ generation batches) and knows nothing about the model except how many positions 
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import collections.abc
 import functools
@@ -258,11 +259,95 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
+# ---- Meta's tiktoken tokenizer.model (Llama 3) -> a `tokenizers` byte-level BPE ----------------
+# Meta ships Llama 3's tokenizer as lines "base64(token bytes) rank" (tiktoken's format), not as a
+# sentencepiece model. It is the same BPE as HF's tokenizer.json once the merges are recovered from
+# the ranks; tiktoken itself is not needed.
+
+# pat_str of llama_models/llama3/tokenizer.py (GPT-4 style), split before the bytes are merged.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Meta's 256 special tokens, in id order right after the ranks (llama_models/llama3/tokenizer.py):
+# <|begin_of_text|> = 128000, <|start_header_id|> = 128006, <|eot_id|> = 128009 in Llama 3.
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                  "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+                  "<|image|>"]
+LLAMA3_SPECIAL += [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(LLAMA3_SPECIAL))]
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} \d+")
+
+
+def is_tiktoken_file(path) -> bool:
+    """tiktoken's text format, told apart from a sentencepiece protobuf (whose first byte is 0x0a,
+    an empty first line) by its first line."""
+    with open(path, "rb") as f:
+        first = f.read(1024).split(b"\n", 1)[0].rstrip(b"\r")
+    return _TIKTOKEN_LINE.fullmatch(first) is not None
+
+
+@functools.lru_cache(maxsize=2)  # keyed by (path, mtime, size): rebuilt only when the file changes
+def _tiktoken_bpe(path: str, _mtime_ns: int, _size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) in byte-level BPE's alphabet. tiktoken merges, at each step, the adjacent pair
+    whose concatenation has the lowest rank; so every split (a, b) of a token t with a, b in the
+    vocabulary is a merge of priority rank(t). ~1 s for Llama 3's 128,000 ranks."""
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for n, line in enumerate(f.read().splitlines(), 1):
+            if not line.strip():
+                continue
+            if _TIKTOKEN_LINE.fullmatch(line) is None:
+                raise ValueError(f"{path}:{n}: not a tiktoken line 'base64-token rank': {line[:60]!r}")
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path}: ranks are not 0..{len(ranks) - 1} (duplicates or gaps)")
+    char = _byte_chars()
+    text = {t: "".join(char[b] for b in t) for t in ranks}
+    merges = []
+    for t, r in ranks.items():
+        splits = [(ranks[t[:i]], ranks[t[i:]], i) for i in range(1, len(t)) if t[:i] in ranks and t[i:] in ranks]
+        merges += [(r, a, b, text[t[:i]], text[t[i:]]) for a, b, i in sorted(splits)]
+    merges.sort()
+    return {text[t]: r for t, r in ranks.items()}, [(a, b) for *_, a, b in merges]
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_chars() -> list[str]:
+    """GPT-2's byte -> printable character table (what byte-level BPE vocabularies are written in)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+def tiktoken_tokenizer(path):
+    """A Meta tiktoken tokenizer.model as a `tokenizers.Tokenizer`, laid out as Meta's own
+    tokenizer.json for Llama 3: the split regex, byte-level BPE that keeps a pre-token found whole
+    in the vocabulary (tiktoken does), the 256 special tokens, and <|begin_of_text|> prepended by
+    encode(add_special_tokens=True)."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+    import tokenizers
+
+    st = os.stat(path)
+    vocab, merges = _tiktoken_bpe(os.fspath(path), st.st_mtime_ns, st.st_size)
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIAL])
+    bos = len(vocab)
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B:1",
+                                      special_tokens=[("<|begin_of_text|>", bos)])])
+    return tok
+
+
 class Tokenizer:
-    """One interface over HF `tokenizers` (tokenizer.json: Llama-3 byte-level BPE) and
-    `sentencepiece` (tokenizer.model: Llama-2). `encode` never adds BOS/EOS and tokenises the text
-    as it would tokenise inside a longer string, so template pieces concatenate to the tokens of
-    the whole prompt: special-token strings in text stay text, and sentencepiece's dummy-prefix
+    """One interface over HF `tokenizers` (tokenizer.json: Llama-3 byte-level BPE; or Meta's tiktoken
+    tokenizer.model, converted) and `sentencepiece` (tokenizer.model: Llama-2). `encode` never adds
+    BOS/EOS and tokenises the text as it would tokenise inside a longer string, so template pieces
+    concatenate to the tokens of the whole prompt: special-token strings in text stay text, and sentencepiece's dummy-prefix
     space is off (HF's LlamaTokenizer legacy=False does the same; templates write that space)."""
 
     def __init__(self, folder):
@@ -279,6 +364,10 @@ class Tokenizer:
             # real id, a user could end a turn or forge a system block (prompt injection), and
             # data that quotes chat markup would silently change the conversation structure.
             self._tok.encode_special_tokens = True
+        elif os.path.exists(os.path.join(self.folder, "tokenizer.model")) and is_tiktoken_file(
+                os.path.join(self.folder, "tokenizer.model")):  # Meta's Llama 3 release
+            self._tok = tiktoken_tokenizer(os.path.join(self.folder, "tokenizer.model"))
+            self._tok.encode_special_tokens = True  # as above
         elif os.path.exists(os.path.join(self.folder, "tokenizer.model")):
             import sentencepiece as spm
             try:

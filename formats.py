@@ -9,9 +9,10 @@ came from, so the two directions cannot drift apart. Nothing here builds a model
     transformers LLaVA   LlavaForConditionalGeneration (+ processor): vLLM, SGLang and HF read it
     original LLaVA       LlavaLlamaForCausalLM + `mm_*` config keys: how Doctor Sun was released
     xtuner               `pth_to_hf` output: llm/ or llm_adapter/, projector/, visual_encoder_adapter/
+    Meta native Llama 3  consolidated.00.pth + params.json: the LLM alone, as Meta publishes it
 
-The CLIP and Llama parts alone are not foreign: `clip.py` and `llama.py` read their Hugging Face
-folders themselves, and the tables below reuse their key maps for the parts.
+The CLIP and Llama parts in Hugging Face folders are not foreign: `clip.py` and `llama.py` read
+them themselves, and the tables below reuse their key maps for the parts.
 """
 from __future__ import annotations
 
@@ -308,3 +309,124 @@ def llava_config_json(vision: clip.ClipConfig, llm: llama.LlamaConfig, *, projec
         "mm_use_im_start_end": False, "mm_vision_select_feature": vision.select_feature,
         "mm_vision_select_layer": vision.select_layer, "mm_vision_tower": tower, "use_mm_proj": True,
         "use_cache": True}
+
+
+# ---- Meta's native Llama 3 / 3.1 layout (a single LLM) -------------------------------------------------
+# What Meta publishes (and `llama model download` fetches): consolidated.00.pth (the state dict of
+# llama_models' reference `Transformer`), params.json (its `ModelArgs`) and a tiktoken tokenizer.model
+# (read by data.Tokenizer). The names below are our llama.py names, for model.load_llm.
+META_KEYS = {"tok_embeddings.": "embed_tokens.", "norm.": "norm.", "output.": "lm_head."}
+META_LAYER_KEYS = {  # under "layers.{i}." on both sides
+    "attention.wq.": "self_attn.q_proj.", "attention.wk.": "self_attn.k_proj.",
+    "attention.wv.": "self_attn.v_proj.", "attention.wo.": "self_attn.o_proj.",
+    "feed_forward.w1.": "mlp.gate_proj.", "feed_forward.w3.": "mlp.up_proj.",
+    "feed_forward.w2.": "mlp.down_proj.",
+    "attention_norm.": "input_layernorm.", "ffn_norm.": "post_attention_layernorm.",
+}
+# ModelArgs defaults (llama_models/llama3/args.py) for keys a params.json omits; max_seq_len and
+# max_batch_size size Meta's KV cache at run time and say nothing about the weights.
+META_PARAMS = dict(n_kv_heads=None, multiple_of=256, ffn_dim_multiplier=None, norm_eps=1e-5,
+                   rope_theta=500000.0, use_scaled_rope=False)
+META_REQUIRED = ("dim", "n_layers", "n_heads", "vocab_size")
+META_RUNTIME = ("max_seq_len", "max_batch_size")
+# Llama 3.1's frequency-band RoPE scaling: the constants of apply_scaling in llama_models' model.py.
+META_SCALED_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192}
+META_NUM_SPECIAL = 256  # Meta's tokenizer adds 256 special ids after the BPE ranks
+
+
+def meta_keys(num_layers: int) -> dict[str, str]:
+    """The full table {Meta prefix: our prefix}: the layer entries repeated for each layer."""
+    table = dict(META_KEYS)
+    for i in range(num_layers):
+        table.update({f"layers.{i}.{k}": f"layers.{i}.{v}" for k, v in META_LAYER_KEYS.items()})
+    return table
+
+
+def is_meta_llama(folder: str | Path) -> bool:
+    """A folder in Meta's native layout: params.json beside consolidated.NN.pth."""
+    folder = Path(folder)
+    return (folder / "params.json").is_file() and any(folder.glob("consolidated.*.pth"))
+
+
+def meta_ffn_size(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """SwiGLU width exactly as Meta's FeedForward computes it: 2/3 of 4*dim, scaled, rounded up."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def meta_llama_config(params: dict, where: str | Path = "params.json") -> llama.LlamaConfig:
+    """A params.json dict -> LlamaConfig.
+
+    The special ids follow Meta's tokenizer (the 256 specials come right after the BPE ranks):
+    <|begin_of_text|> first; generation stops at <|end_of_text|>, <|eom_id|> and <|eot_id|>, the
+    stop tokens of Meta's Tokenizer. Meta's files do not say the trained context: 8192 for Llama 3,
+    131072 once 3.1's scaled RoPE is on.
+    """
+    unknown = sorted(set(params) - set(META_PARAMS) - set(META_REQUIRED) - set(META_RUNTIME))
+    missing = [k for k in META_REQUIRED if k not in params]
+    if unknown or missing:
+        raise ValueError(f"{where}: not a Llama 3 params.json we can read (unknown keys {unknown}, "
+                         f"missing {missing})")
+    p = {**META_PARAMS, **params}
+    if p["vocab_size"] <= META_NUM_SPECIAL:  # Llama 2's params.json says -1 (the size is the tokenizer's)
+        raise ValueError(f"{where}: vocab_size {p['vocab_size']} is not a Llama 3 vocabulary")
+    base = p["vocab_size"] - META_NUM_SPECIAL
+    return llama.LlamaConfig(
+        vocab_size=p["vocab_size"], hidden_size=p["dim"], num_hidden_layers=p["n_layers"],
+        num_attention_heads=p["n_heads"], num_key_value_heads=p["n_kv_heads"] or p["n_heads"],
+        intermediate_size=meta_ffn_size(p["dim"], p["multiple_of"], p["ffn_dim_multiplier"]),
+        rms_norm_eps=float(p["norm_eps"]), rope_theta=float(p["rope_theta"]),
+        rope_scaling=dict(META_SCALED_ROPE) if p["use_scaled_rope"] else None,
+        max_position_embeddings=131072 if p["use_scaled_rope"] else 8192,
+        bos_token_id=base, eos_token_id=[base + 1, base + 8, base + 9])
+
+
+def meta_params(folder: str | Path) -> dict:
+    path = Path(folder) / "params.json"
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise checkpoint.CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def meta_interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """q or k rows (n_heads * hd, D): Meta's order -> rotate-half order (transformers'
+    convert_llama_weights_to_hf.py `permute`).
+
+    Meta's RoPE rotates dims (2i, 2i+1) of each head as one complex number; ours rotates (i, i + hd/2).
+    Reordering each head's rows [0, 1, 2, 3, ...] -> [0, 2, 4, ..., 1, 3, 5, ...] makes the same
+    projection produce the same rotated vector. For k, n_heads is the number of KV heads.
+    """
+    rows, d = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, d).transpose(1, 2).reshape(rows, d)
+
+
+def read_meta_llama(folder: str | Path, dtype: torch.dtype | None = None):
+    """Meta's native folder -> (LlamaConfig, state dict under llama.py's names, q/k in rotate-half order).
+
+    consolidated.00.pth is read with weights_only=True (no code is unpickled) and memory-mapped.
+    `dtype` None keeps the file's dtype (bf16 as Meta ships it).
+    """
+    folder = Path(folder)
+    shards = sorted(folder.glob("consolidated.*.pth"))
+    if len(shards) != 1:
+        raise ValueError(f"{folder}: {len(shards)} model-parallel shards {[s.name for s in shards]}; only "
+                         f"single-file checkpoints (consolidated.00.pth, the 8B sizes) are supported")
+    cfg = meta_llama_config(meta_params(folder), folder / "params.json")
+    state = checkpoint.read_state(shards[0], meta_keys(cfg.num_hidden_layers), dtype=dtype,
+                                  ignore=("rope.freqs",))  # derived; some Meta savers kept it
+    for i in range(cfg.num_hidden_layers):
+        for proj, heads in (("q_proj", cfg.num_attention_heads), ("k_proj", cfg.num_key_value_heads)):
+            name = f"layers.{i}.self_attn.{proj}.weight"
+            want = (heads * cfg.head_dim, cfg.hidden_size)
+            if name not in state or tuple(state[name].shape) != want:
+                key, file = state.origin.get(name, (name.replace(f"self_attn.{proj}", "attention.w" + proj[0]),
+                                                    shards[0]))
+                got = tuple(state[name].shape) if name in state else "missing"
+                raise checkpoint.CheckpointError(f"{key!r} in {file}: expected shape {want} from "
+                                                 f"params.json, got {got}")
+            state[name] = meta_interleaved_to_halves(state[name], heads)
+    return cfg, state

@@ -285,6 +285,8 @@ def vision_config(path: str | Path, **select) -> clip.ClipConfig:
 
 
 def llm_config(path: str | Path) -> llama.LlamaConfig:
+    if formats.is_meta_llama(path):
+        return formats.meta_llama_config(formats.meta_params(path), Path(path) / "params.json")
     return llama.config_from_hf(checkpoint.load_hf_config(path))
 
 
@@ -293,7 +295,15 @@ def load_vision(path: str | Path, dtype: torch.dtype = torch.float32, **select) 
 
 
 def load_llm(path: str | Path, dtype: torch.dtype = torch.float32) -> llama.Llama:
-    return llama.from_pretrained(path, dtype=dtype)
+    """An HF LlamaForCausalLM folder, or Meta's native layout (consolidated.00.pth + params.json)."""
+    if not formats.is_meta_llama(path):
+        return llama.from_pretrained(path, dtype=dtype)
+    cfg, state = formats.read_meta_llama(path, dtype)
+    with torch.device("meta"):
+        m = llama.Llama(cfg)
+    checkpoint.assign(m, state, source=path)
+    checkpoint.materialized(m)
+    return m.eval()
 
 
 # ---- our own format ---------------------------------------------------------------------------

@@ -2,8 +2,16 @@
 
 Files that test a size on purpose keep their own: test_clip.py (28 px / patch 7, an odd token count),
 test_llama.py (GQA, head_dim and rope variants), test_model.py (GQA 6:2, so a head-count mix-up
-shows), test_lora.py. Import with `from conftest import ...` (pytest.ini puts tests/ on the path).
+shows), test_lora.py. Also Meta's reference Llama saved in its native layout
+(`save_meta_llama`). Import with `from conftest import ...` (pytest.ini puts tests/ on the path).
 """
+import contextlib
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
 import clip
 import llama
 import model
@@ -23,3 +31,48 @@ def tiny_model_config(vocab_size: int, **llm_overrides) -> model.ModelConfig:
     """Our ModelConfig at the tiny sizes; llm_overrides add Llama fields (rope, tied embeddings...)."""
     return model.ModelConfig(vision=clip.ClipConfig(**TINY_VISION),
                              llm=llama.LlamaConfig(vocab_size=vocab_size, **TINY_LLM, **llm_overrides))
+
+
+# ---- Meta's reference Llama 3, saved in its native layout (test_formats.py, test_convert.py) ----------
+
+@contextlib.contextmanager
+def model_parallel_of_one():
+    """llama_models' reference layers are fairscale's model-parallel ones, which ask torch.distributed for
+    their world: a gloo group of one process runs them on CPU. Torn down after, so no group leaks into
+    other tests (train.py's DeepSpeed tests start their own)."""
+    import torch.distributed as dist
+    import fairscale.nn.model_parallel.initialize as fs_init
+
+    with tempfile.TemporaryDirectory() as store:
+        dist.init_process_group("gloo", init_method=f"file://{store}/rendezvous", rank=0, world_size=1)
+        try:
+            fs_init.initialize_model_parallel(1)
+            yield
+        finally:
+            fs_init.destroy_model_parallel()
+            dist.destroy_process_group()
+
+
+def save_meta_llama(folder, params: dict, tokens, *, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """Build llama_models' reference `Transformer` from `params` (a params.json dict) with random weights,
+    save it as Meta does (its state dict as consolidated.00.pth, params.json), and return its fp32 logits
+    (B, T, V) for `tokens` (B, T). fairscale leaves the weights uninitialised, so they are drawn here:
+    N(0, 1/sqrt(fan_in)) for matrices, 1 + N(0, 0.1) for the norms (so a swapped norm shows)."""
+    from llama_models.llama3.args import ModelArgs
+    from llama_models.llama3.model import Transformer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    with model_parallel_of_one():
+        ref = Transformer(ModelArgs(**params, max_batch_size=tokens.shape[0], max_seq_len=tokens.shape[1]))
+        with torch.no_grad():
+            for name, p in ref.named_parameters():
+                if p.dim() == 1:
+                    p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+        logits = ref(tokens, 0)  # (B, T, V) fp32
+    torch.save({k: v.to(dtype) for k, v in ref.state_dict().items()}, folder / "consolidated.00.pth")
+    (folder / "params.json").write_text(json.dumps(params))
+    return logits

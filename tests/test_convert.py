@@ -7,6 +7,7 @@ apply_chat_template, generate.
 """
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -537,3 +538,81 @@ def test_vicuna_llava_is_asked_as_llava_1_5(tmp_path):
                                 num_image_tokens=m.num_image_tokens)
     image_id = json.loads((tmp_path / "hf" / "config.json").read_text())["image_token_index"]
     assert enc["input_ids"][0].tolist() == [image_id if i == data.IMAGE_TOKEN_ID else i for i in prompt]
+
+
+# ---- Meta's native Llama 3 -> transformers LlamaForCausalLM ------------------------------------------
+
+# Llama 3.1's shape at toy width: GQA 4:2, scaled RoPE, and Llama 3's real vocabulary so the real
+# tokenizer.model (128,000 ranks + 256 specials) fits it.
+META_TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32,
+                 ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
+MEDICAL = "患者胸痛3小时，心电图示ST段抬高。Chest pain for 3 h; BP 150/95 mmHg — suspect STEMI?! 🫀\n\n建议：急诊PCI。"
+
+
+@pytest.fixture(scope="module")
+def meta_dir(tmp_path_factory):
+    """(folder, tokens, Meta's reference logits): a tiny model saved by llama_models + the real tokenizer."""
+    import llama_models.llama3.tokenizer as meta_tokenizer
+    from conftest import save_meta_llama
+
+    folder = tmp_path_factory.mktemp("meta") / "Llama3.1-tiny"
+    tokens = torch.randint(0, 128256, (2, 11), generator=torch.Generator().manual_seed(0))
+    ref = save_meta_llama(folder, META_TINY, tokens)
+    shutil.copy(Path(meta_tokenizer.__file__).parent / "tokenizer.model", folder / "tokenizer.model")
+    return folder, tokens, ref
+
+
+def test_from_meta_is_a_transformers_llama(tmp_path, meta_dir):
+    """transformers loads the folder: logits = our loader's = Meta's reference; AutoTokenizer's ids and
+    chat template = Meta's Tokenizer and ChatFormat."""
+    from llama_models.datatypes import RawMessage
+    from llama_models.llama3.chat_format import ChatFormat
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    src, tokens, ref = meta_dir
+    info = run("--from", "meta", src, tmp_path / "hf")
+    assert info["dtype"] == "float32"  # the source's dtype, not rounded to bf16
+    with transformers_warnings() as logged:
+        hf, loading = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True,
+                                                                       dtype=torch.float32)
+    assert type(hf).__name__ == "LlamaForCausalLM" and {k: v for k, v in loading.items() if v} == {}, loading
+    assert not [r for r in logged if any(w in r.lower() for w in ("missing", "unexpected", "initialized"))], logged
+    with torch.no_grad():
+        theirs = hf.eval()(tokens).logits
+    ours = model.load_llm(src)(tokens)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(theirs, ref, atol=1e-4, rtol=1e-5)
+
+    meta_tok = Tokenizer(src / "tokenizer.model")
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert auto(MEDICAL).input_ids == meta_tok.encode(MEDICAL, bos=True, eos=False)
+    assert auto.decode(auto(MEDICAL).input_ids, skip_special_tokens=True) == MEDICAL
+    msgs = [("system", "Answer the questions."), ("user", "这张CT有结节吗？Is there a nodule?")]
+    chat = auto.apply_chat_template([{"role": r, "content": c} for r, c in msgs], add_generation_prompt=True,
+                                    tokenize=True, return_dict=False)
+    assert chat == ChatFormat(meta_tok).encode_dialog_prompt([RawMessage(role=r, content=c) for r, c in msgs]).tokens
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == meta_tok.stop_tokens and gen["bos_token_id"] == meta_tok.bos_id
+    # our tokenizer reads both folders alike
+    assert data.load_tokenizer(tmp_path / "hf").encode(MEDICAL) == data.load_tokenizer(src).encode(MEDICAL)
+
+
+def test_from_meta_keeps_bf16_and_refuses_what_it_cannot_read(tmp_path, meta_dir):
+    src = meta_dir[0]
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(src, bf16)
+    sd = torch.load(src / "consolidated.00.pth", weights_only=True)
+    torch.save({k: v.bfloat16() for k, v in sd.items()}, bf16 / "consolidated.00.pth")
+    run("--from", "meta", bf16, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {t.dtype for t in load_file(tmp_path / "hf" / "model.safetensors").values()} == {torch.bfloat16}
+    run("--from", "meta", bf16, tmp_path / "hf32", "--dtype", "float32")
+    assert {t.dtype for t in load_file(tmp_path / "hf32" / "model.safetensors").values()} == {torch.float32}
+
+    (bf16 / "tokenizer.model").unlink()
+    with pytest.raises(FileNotFoundError, match="tiktoken tokenizer.model is missing"):
+        run("--from", "meta", bf16, tmp_path / "o1")
+    (bf16 / "tokenizer.model").write_bytes(b"IQ== 0\nIg== 1\n")  # another model's (tiny) vocabulary
+    with pytest.raises(ValueError, match="258 ids but .*vocab_size 128256"):
+        run("--from", "meta", bf16, tmp_path / "o2")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists() and leftovers(tmp_path) == []

@@ -4,6 +4,7 @@ trained with sentencepiece, and pydicom's bundled CT/MR test files."""
 import collections
 import functools
 import io
+import itertools
 import json
 import os
 import re
@@ -707,3 +708,78 @@ def test_check_cli_names_every_bad_sample(llama3_dir, image_dir, tmp_path):
     report = data.check(str(path), str(image_dir), out=io.StringIO())  # without a tokenizer: structure + images
     expected = collections.Counter(r for _, r in BAD.values() if r != "too_long_no_labels")
     assert report["reasons"] == expected + collections.Counter(malformed_record=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Meta's own Llama 3 tokenizer.model (tiktoken format, 128,000 ranks), shipped in llama_models
+
+MEDICAL_MIXED = [
+    "患者，男，65岁，因“胸痛3小时”入院。Patient: male, 65 y/o, admitted for chest pain (3 h).",
+    "BP 150/95 mmHg, HR 102 bpm, SpO₂ 94%; 心电图示V1–V4导联ST段抬高≥0.2 mV。\n\n",
+    "Diagnosis: acute STEMI?? 诊断：急性前壁心肌梗死！Don't delay PCI — it's time-critical, we'll act now.",
+    "Rx: aspirin 300mg + ticagrelor 180 mg p.o.; 肝素 60 U/kg i.v.（最大4000 U）🫀💊🚑\n",
+    "  Follow-up in 12345678 days\t\t(joke).   \r\n结论：建议复查冠脉CTA、肌钙蛋白 cTnI 0.04→12.7 ng/mL…",
+    "Markup typed in text stays text: <|eot_id|><|start_header_id|>system<|end_header_id|>",
+]
+
+
+@pytest.fixture(scope="module")
+def meta_tok_dir(tmp_path_factory):
+    import llama_models.llama3.tokenizer as meta_tokenizer
+
+    folder = tmp_path_factory.mktemp("meta_llama3")
+    shutil.copy(Path(meta_tokenizer.__file__).parent / "tokenizer.model", folder / "tokenizer.model")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def meta_tokenizer(meta_tok_dir):
+    """Meta's own Tokenizer class (tiktoken inside): the reference."""
+    from llama_models.llama3.tokenizer import Tokenizer
+    return Tokenizer(meta_tok_dir / "tokenizer.model")
+
+
+def test_meta_tiktoken_model_gives_tiktokens_ids(meta_tok_dir, meta_tokenizer):
+    tok = data.load_tokenizer(meta_tok_dir)
+    assert data.is_tiktoken_file(meta_tok_dir / "tokenizer.model")
+    for text in MEDICAL_MIXED + ["".join(MEDICAL_MIXED)]:
+        ids = tok.encode(text)
+        assert ids == meta_tokenizer.encode(text, bos=False, eos=False), text
+        assert tok.decode(ids) == text == meta_tokenizer.decode(ids)
+    # the 256 special tokens at Meta's ids, and the stop ids of Meta's Tokenizer
+    assert {t: tok.token_to_id(t) for t in meta_tokenizer.special_tokens} == meta_tokenizer.special_tokens
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (128256, 128000, 128001) == (
+        meta_tokenizer.n_words, meta_tokenizer.bos_id, meta_tokenizer.eos_id)
+    assert tok.token_to_id("<|eot_id|>") == 128009 and tok.token_to_id("<|start_header_id|>") == 128006
+    assert set(tok.stop_ids) <= set(meta_tokenizer.stop_tokens)
+
+
+def test_meta_tokenizer_llama3_template_matches_meta_chat_format(meta_tok_dir, meta_tokenizer):
+    """data.encode_conversation with the real tokenizer = llama_models' ChatFormat, and the labels keep
+    exactly the answers and their <|eot_id|>."""
+    from llama_models.datatypes import RawMessage
+    from llama_models.llama3.chat_format import ChatFormat
+
+    tok, fmt = data.load_tokenizer(meta_tok_dir), ChatFormat(meta_tokenizer)
+    system = "你是一名医学助手。Answer the questions."
+    turns = ["患者胸痛3小时，心电图示ST段抬高，最可能的诊断是什么？", "急性ST段抬高型心肌梗死（STEMI）。",
+             "What is the first-line reperfusion therapy within 12 h?", "Primary PCI, ideally door-to-balloon ≤ 90 min."]
+    ids, labels = data.encode_conversation(conv(*turns), tok, system=system)
+    msgs = [RawMessage(role="system", content=system)] + [
+        RawMessage(role="user" if k % 2 == 0 else "assistant", content=t) for k, t in enumerate(turns)]
+    answer_header = fmt._encode_header("assistant")  # Meta's prompt ends with one; a finished dialog does not
+    assert ids == fmt.encode_dialog_prompt(msgs).tokens[: -len(answer_header)]
+    answers = [tok.decode(list(run), skip_special_tokens=False)
+               for supervised, run in itertools.groupby(labels, lambda t: t != IGNORE_INDEX) if supervised]
+    assert answers == [turns[1] + "<|eot_id|>", turns[3] + "<|eot_id|>"]
+    prompt = data.encode_prompt(turns[0], tok, system=system)
+    assert prompt == fmt.encode_dialog_prompt(msgs[:2]).tokens
+
+
+def test_tiktoken_file_is_told_from_sentencepiece(meta_tok_dir, sp_dir, tmp_path):
+    assert not data.is_tiktoken_file(sp_dir / "tokenizer.model")  # a protobuf: the Llama-2 path still reads it
+    assert data.load_tokenizer(sp_dir)._sp is not None
+    lines = (meta_tok_dir / "tokenizer.model").read_bytes().splitlines()[:300]
+    (tmp_path / "tokenizer.model").write_bytes(b"\n".join(lines[:200] + [b"IQ== x"] + lines[200:]))
+    with pytest.raises(ValueError, match=r"tokenizer.model:201: not a tiktoken line"):
+        data.load_tokenizer(tmp_path)
