@@ -2,12 +2,14 @@
 
     python convert.py --to llava-hf CHECKPOINT OUT [--tokenizer DIR] [--dtype bfloat16] [--pad-vocab-to 64]
     python convert.py --to llava    CHECKPOINT OUT [--tokenizer DIR] [--dtype float16] [--vision-tower NAME]
-    python convert.py --from llava-hf SRC OUT
+    python convert.py --to peft     CHECKPOINT OUT [--dtype float32]
+    python convert.py --from llava-hf SRC OUT [--dtype bfloat16]
     python convert.py --from llava    SRC OUT [--vision CLIP_DIR]
     python convert.py --from xtuner   SRC OUT --vision CLIP_DIR [--llm BASE_LLM_DIR]
     python convert.py --from meta     META_DIR OUT [--dtype D] [--max-shard-size 5GB]
 
-CHECKPOINT is any folder `model.from_pretrained` reads (LoRA adapters are merged on load).
+CHECKPOINT is any folder `model.from_pretrained` reads (LoRA adapters are merged on load, except
+for --to peft). --from keeps the source's dtype unless --dtype is given.
 
 - llava-hf: `transformers`' LlavaForConditionalGeneration + LlavaProcessor (vLLM and SGLang read
   it too). The vocabulary grows by `<image>` and `<pad>`; the processor expands one `<image>` into
@@ -15,6 +17,9 @@ CHECKPOINT is any folder `model.from_pretrained` reads (LoRA adapters are merged
 - llava: the original LLaVA layout (LlavaLlamaForCausalLM) in which Doctor Sun was released: no
   `<image>` in the vocabulary (the placeholder is -200 at run time), config = the LLM config plus
   the `mm_*` fields, the vision tower merged into the weights.
+- peft: the checkpoint's LoRA adapters, each in a peft folder (`visual_encoder_adapter/`,
+  `llm_adapter/`) that `peft.PeftModel.from_pretrained` loads on its part's transformers model
+  (CLIPVisionModel, LlamaForCausalLM) named by `base_model_name_or_path`.
 - xtuner: what xtuner's `pth_to_hf` writes for a LLaVA model (`llm/` or `llm_adapter/`,
   `projector/`, `visual_encoder_adapter/`) plus the base CLIP; peft LoRA adapters are merged.
 - meta: Meta's native Llama 3 / 3.1 release (consolidated.00.pth, params.json, tiktoken
@@ -40,12 +45,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import checkpoint
 import clip
 import data
 import formats
 import llama
+import lora
 import model
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -136,8 +145,44 @@ def image_processor_config(c: clip.ClipConfig, policy: data.PromptPolicy) -> dic
             "do_normalize": True, "image_mean": list(policy.image_mean), "image_std": list(policy.image_std)}
 
 
+def clip_processor_config(c: clip.ClipConfig, policy: data.PromptPolicy = data.PromptPolicy()) -> dict:
+    """CLIPImageProcessor's config: the same steps without padding (LLaVA pads in its own code, by
+    image_aspect_ratio)."""
+    cfg = {**image_processor_config(c, replace(policy, pad_to_square=False)), "image_processor_type": "CLIPImageProcessor",
+           "processor_class": "CLIPProcessor"}
+    del cfg["do_pad"]
+    return cfg
+
+
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def part_state(m: model.DoctorSun, part: str) -> dict[str, torch.Tensor]:
+    """One part's weights under our names, without LoRA adapters (unmerged, these are the base weights)."""
+    return {k: t for k, t in m.state_dict().items() if k.startswith(part + ".") and ".lora_" not in k}
+
+
+def write_clip_folder(m: model.DoctorSun, folder: Path, dtype: torch.dtype) -> None:
+    """The vision tower as a CLIPVisionModel folder: config, weights in the hub layout (`vision_model.*`,
+    which transformers 4.x and 5.x both read) and the image processor."""
+    folder.mkdir()
+    checkpoint.save_state(formats.export_state(part_state(m, "vision"), formats.CLIP_KEYS, dtype), folder)
+    write_json(folder / "config.json", {**clip.config_to_hf(m.config.vision), "architectures": ["CLIPVisionModel"],
+                                        "torch_dtype": str(dtype).removeprefix("torch.")})
+    write_json(folder / "preprocessor_config.json", clip_processor_config(m.config.vision))
+
+
+def write_llama_folder(m: model.DoctorSun, folder: Path, dtype: torch.dtype, tok_dir: Path | None) -> None:
+    """The LLM as a LlamaForCausalLM folder (config, weights, and the tokenizer when there is one)."""
+    folder.mkdir()
+    llm = m.config.llm
+    checkpoint.save_state(formats.export_state(part_state(m, "llm"), formats.LLAMA_KEYS, dtype,
+                                               tied=llm.tie_word_embeddings), folder)
+    write_json(folder / "config.json", {**llama.config_to_hf(llm),
+                                        "torch_dtype": str(dtype).removeprefix("torch.")})
+    if tok_dir is not None:
+        copy_tokenizer(tok_dir, folder)
 
 
 # ---- ours -> transformers LLaVA ----------------------------------------------------------------------
@@ -249,14 +294,11 @@ def to_llava(m: model.DoctorSun, tok_dir: Path, out: Path, final_out: Path, *, d
     vis, llm = m.config.vision, m.config.llm
     state = formats.export_state(m.state_dict(), formats.LLAVA_KEYS, dtype, tied=llm.tie_word_embeddings)
     checkpoint.save_state(state, out, max_shard_bytes=max_shard_bytes)
-    processor = {**image_processor_config(vis, policy), "image_processor_type": "CLIPImageProcessor",
-                 "processor_class": "CLIPProcessor"}
-    del processor["do_pad"]  # LLaVA pads in its own code, by image_aspect_ratio
     tower = vision_tower or vision_tower_name(vis)
     if tower is None:
-        (out / "vision_tower").mkdir()
-        write_json(out / "vision_tower" / "config.json", clip.config_to_hf(vis))
-        write_json(out / "vision_tower" / "preprocessor_config.json", processor)
+        # LLaVA's CLIPVisionTower.load_model reads mm_vision_tower with CLIPVisionModel.from_pretrained
+        # before the checkpoint's tower weights go over it: the folder needs weights, and these are ours.
+        write_clip_folder(m, out / "vision_tower", dtype)
         tower = str(final_out.resolve() / "vision_tower")
     write_json(out / "config.json", {**formats.llava_config_json(
         vis, llm, projector_type=m.config.projector_type, tower=tower, pad_to_square=policy.pad_to_square,
@@ -264,7 +306,7 @@ def to_llava(m: model.DoctorSun, tok_dir: Path, out: Path, final_out: Path, *, d
     write_json(out / "generation_config.json", {"bos_token_id": llm.bos_token_id,
                                                 "eos_token_id": generation_eos(tok_dir, m), "do_sample": False})
     copy_tokenizer(tok_dir, out)  # unchanged: the placeholder is -200, outside the vocabulary
-    write_json(out / "preprocessor_config.json", processor)
+    write_json(out / "preprocessor_config.json", clip_processor_config(vis, policy))
     return {"mm_vision_tower": tower}
 
 
@@ -304,6 +346,111 @@ def from_meta(src: Path, out: Path, *, dtype: torch.dtype | None, max_shard_byte
             "layers": cfg.num_hidden_layers}
 
 
+# ---- ours -> peft adapters ------------------------------------------------------------------------------
+# xtuner's folder names (its pth_to_hf output, which `--from xtuner` reads): an adapter, and where its
+# base had to be written, the weights it sits on.
+PEFT_DIRS = {"vision": ("visual_encoder_adapter", "visual_encoder"), "llm": ("llm_adapter", "llm")}
+PEFT_TASKS = {"vision": None, "llm": "CAUSAL_LM"}  # CLIPVisionModel has no peft task; LlamaForCausalLM
+HF_MODEL_TYPES = {"vision": ("clip_vision_model", "clip"), "llm": ("llama",)}  # what those classes load
+
+
+def part_base(ckpt: Path, part: str) -> Path | None:
+    """The Hugging Face folder holding `part`'s weights as they are under this checkpoint's adapter,
+    followed down the "base" chain as model.from_pretrained loads it; None when the weights changed on
+    the way (a checkpoint of the chain stores them: trained, or copied; or a parent's LoRA was merged),
+    or come from a folder transformers does not load (another layout model.load_vision reads)."""
+    if any(k.startswith(part + ".") and ".lora_" not in k for k, _ in tensor_dtypes(ckpt)):
+        return None
+    base = checkpoint.load_hf_config(ckpt).get("base") or {}
+    if base.get("init"):
+        parent = model._resolve(ckpt, base["init"])
+        if (checkpoint.load_hf_config(parent).get("lora") or {}).get(part):
+            return None
+        return part_base(parent, part)
+    folder = model._resolve(ckpt, base[part]).resolve() if base.get(part) else None
+    is_hf = folder is not None and (folder / "config.json").is_file() and \
+        checkpoint.load_hf_config(folder).get("model_type") in HF_MODEL_TYPES[part]
+    return folder if is_hf else None
+
+
+def peft_targets(module: nn.Module, adapted: list[str]) -> list[str]:
+    """peft's target_modules: the adapted layers' last names (q_proj, fc1, ...) when those pick out
+    exactly the adapted layers, else their full names (peft matches a name or its dotted suffix)."""
+    short = sorted({n.rsplit(".", 1)[-1] for n in adapted})
+    same = {n for n, mod in module.named_modules() if isinstance(mod, nn.Linear) and n.rsplit(".", 1)[-1] in short}
+    return short if same == set(adapted) else sorted(adapted)
+
+
+def to_peft(src: Path, out: Path, final_out: Path, *, dtype: torch.dtype) -> dict:
+    """Each LoRA adapter of the checkpoint as a peft adapter folder for its part's transformers model
+    (CLIPVisionModel, LlamaForCausalLM), whose base_model_name_or_path is the folder the part's weights
+    came from. A part without an adapter (trained fully, or frozen) gets none: its weights are no
+    adapter. A base found in no folder (a tiny random ViT, weights trained before the adapter) is
+    written beside the adapter."""
+    configs = {p: c for p, c in (checkpoint.load_hf_config(src).get("lora") or {}).items() if c}
+    if not configs:
+        raise ValueError(f"{src / 'config.json'} records no LoRA adapter (\"lora\"): there is nothing to "
+                         f"write as peft adapters; --to llava-hf or --to llava write the whole model")
+    m = model.from_pretrained(src, dtype=dtype, merge_lora=False)
+    info = {}
+    for part in ("vision", "llm"):
+        adapter_dir, base_dir = PEFT_DIRS[part]
+        if part not in configs:
+            info[adapter_dir] = "none (no LoRA on this part)"
+            continue
+        base = part_base(src, part)
+        if base is None:
+            if part == "vision":
+                write_clip_folder(m, out / base_dir, dtype)
+            else:
+                tok = data.tokenizer_folder(src)
+                has_tok = any((tok / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+                write_llama_folder(m, out / base_dir, dtype, tok if has_tok else None)
+            base = final_out.resolve() / base_dir
+        module, lcfg = getattr(m, part), configs[part]
+        (out / adapter_dir).mkdir()
+        adapters = {f"{part}.{k}": t for k, t in lora.lora_state_dict(module).items()}
+        save_file({k: t.contiguous() for k, t in formats.peft_state(adapters, part, dtype).items()},
+                  str(out / adapter_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+        write_json(out / adapter_dir / "adapter_config.json", formats.peft_config_json(
+            r=lcfg["r"], alpha=lcfg["alpha"], dropout=lcfg["dropout"], base=str(base), task_type=PEFT_TASKS[part],
+            target_modules=peft_targets(module, sorted(lora.lora_modules(module)))))
+        info[adapter_dir] = f"base {base}"
+    return info
+
+
+# ---- the source's dtype --------------------------------------------------------------------------------
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def tensor_dtypes(path: Path):
+    """(key, dtype or None for a non-float) of every tensor of a weight folder, reading headers only."""
+    for file in checkpoint.weight_files(path):
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    yield key, SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
+        else:  # weights_only and memory-mapped (checkpoint.iter_tensors): no tensor data is read
+            for key, t, _ in checkpoint.iter_tensors(file):
+                yield key, t.dtype if t.is_floating_point() else None
+
+
+def source_dtype(paths, keep=lambda key: True) -> torch.dtype:
+    """The one dtype of the float weights (whose keys pass `keep`) in `paths`; float32 when they mix
+    dtypes (it holds every bf16 and fp16 value exactly) or have none of bf16/fp16/fp32."""
+    found = {dt for p in paths for k, dt in tensor_dtypes(Path(p)) if dt is not None and keep(k)}
+    return found.pop() if len(found) == 1 and found <= set(DTYPES.values()) else torch.float32
+
+
+def from_sources(args: argparse.Namespace, src: Path) -> list[Path]:
+    """The weight folders a --from import reads (for xtuner: its parts, and --vision / --llm in their place)."""
+    if args.src_format != "xtuner":
+        return [src]
+    parts = [src / d for d in ("llm", "llm_adapter", "projector", "visual_encoder", "visual_encoder_adapter")]
+    extra = [args.vision if not (src / "visual_encoder").is_dir() else None, args.llm]
+    return [p for p in parts if p.is_dir()] + [Path(p) for p in extra if p]
+
+
 # ---- driver -----------------------------------------------------------------------------------------
 
 def convert(args: argparse.Namespace) -> dict:
@@ -325,6 +472,10 @@ def convert(args: argparse.Namespace) -> dict:
 
 def _convert_into(args: argparse.Namespace, tmp: Path, out: Path) -> dict:
     src = Path(args.src)
+    if args.to == "peft":  # the adapters' own dtype unless asked: they are small, and fp32 when trained so
+        model.detect_format(src)
+        dtype = DTYPES[args.dtype] if args.dtype else source_dtype([src], keep=lambda k: ".lora_" in k)
+        return {"dtype": str(dtype).removeprefix("torch."), **to_peft(src, tmp, out, dtype=dtype)}
     if args.to:
         dtype = DTYPES[args.dtype or ("float16" if args.to == "llava" else "bfloat16")]
         shard = parse_size(args.max_shard_size or ("2GB" if args.to == "llava" else "5GB"))
@@ -343,7 +494,8 @@ def _convert_into(args: argparse.Namespace, tmp: Path, out: Path) -> dict:
     if args.src_format == "meta":  # an LLM alone, written as transformers' LlamaForCausalLM
         return from_meta(src, tmp, dtype=DTYPES[args.dtype] if args.dtype else None,
                          max_shard_bytes=parse_size(args.max_shard_size or "5GB"))
-    dtype = DTYPES[args.dtype or "bfloat16"]
+    # The source's dtype unless asked: an fp32 source imported as bf16 would be rounded silently.
+    dtype = DTYPES[args.dtype] if args.dtype else source_dtype(from_sources(args, src))
     if args.src_format == "xtuner":
         fields, state = formats.read_xtuner(src, args.vision, args.llm, dtype)
         m = model.from_state(model.ModelConfig(**fields), state, source=src)
@@ -361,7 +513,8 @@ def _convert_into(args: argparse.Namespace, tmp: Path, out: Path) -> dict:
                                          data.POLICY_KEY: policy.to_dict()})
     if tok_src is not None:  # eval.py and train.py find the tokenizer in the checkpoint folder
         copy_tokenizer(tok_src, tmp)
-    return {"image_token_id": m.image_token_id, "vocab_size": m.config.llm.vocab_size}
+    return {"image_token_id": m.image_token_id, "vocab_size": m.config.llm.vocab_size,
+            "dtype": str(dtype).removeprefix("torch.")}
 
 
 def xtuner_policy(tok_dir: Path | None) -> data.PromptPolicy:
@@ -375,31 +528,33 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     way = p.add_mutually_exclusive_group(required=True)
-    way.add_argument("--to", choices=["llava-hf", "llava"], help="export one of our checkpoints")
+    way.add_argument("--to", choices=["llava-hf", "llava", "peft"], help="export one of our checkpoints")
     way.add_argument("--from", dest="src_format", choices=["llava-hf", "llava", "xtuner", "meta"],
                      help="import a foreign checkpoint into our format (meta: into a transformers "
                           "Llama folder)")
     p.add_argument("src", help="CHECKPOINT (with --to) or SRC folder (with --from)")
     p.add_argument("out", help="output folder (must not exist)")
     p.add_argument("--dtype", choices=sorted(DTYPES),
-                   help="weights dtype (default: float16 for --to llava, the source's for --from meta, "
-                        "bfloat16 otherwise)")
-    p.add_argument("--tokenizer", help="--to: tokenizer folder (default: the checkpoint's recorded one, "
-                                       "else the checkpoint folder)")
+                   help="weights dtype (default: float16 for --to llava, bfloat16 for --to llava-hf, "
+                        "the adapters' for --to peft, the source's for --from)")
+    p.add_argument("--tokenizer", help="--to llava-hf/llava: tokenizer folder (default: the checkpoint's "
+                                       "recorded one, else the checkpoint folder)")
     p.add_argument("--pad-vocab-to", type=int, metavar="N",
                    help="--to llava-hf: round the embedding rows up to a multiple of N (e.g. 64)")
-    p.add_argument("--max-shard-size", help="--to / --from meta: shard cap, e.g. 2GB (default: 2GB for llava, "
-                                            "5GB otherwise)")
+    p.add_argument("--max-shard-size", help="--to llava-hf/llava, --from meta: shard cap, e.g. 2GB (default: "
+                                            "2GB for llava, 5GB otherwise)")
     p.add_argument("--image-aspect-ratio", choices=["pad", "square"],
-                   help="--to: pad images to a square before resizing (default: as the checkpoint trained)")
+                   help="--to llava-hf/llava: pad images to a square before resizing (default: as the "
+                        "checkpoint trained)")
     p.add_argument("--vision-tower", help="--to llava: the mm_vision_tower to record (default: the hub "
                                           "name of a known CLIP, else OUT/vision_tower)")
     p.add_argument("--vision", help="--from llava/xtuner: the CLIP folder (the vision tower's base)")
     p.add_argument("--llm", help="--from xtuner: the base LLM folder (for llm_adapter/, or a frozen LLM)")
     args = p.parse_args(argv)
     # An option meant for another direction would be silently ignored: refuse it instead.
-    allowed = {"tokenizer": bool(args.to), "image_aspect_ratio": bool(args.to),
-               "max_shard_size": bool(args.to) or args.src_format == "meta",
+    whole = args.to in ("llava-hf", "llava")
+    allowed = {"tokenizer": whole, "image_aspect_ratio": whole,
+               "max_shard_size": whole or args.src_format == "meta",
                "pad_vocab_to": args.to == "llava-hf", "vision_tower": args.to == "llava",
                "vision": args.src_format in ("llava", "xtuner"), "llm": args.src_format == "xtuner"}
     for opt, ok in allowed.items():

@@ -308,6 +308,13 @@ def llava_config_json(vision: clip.ClipConfig, llm: llama.LlamaConfig, *, projec
         "mm_projector_type": projector_type, "mm_use_im_patch_token": False,
         "mm_use_im_start_end": False, "mm_vision_select_feature": vision.select_feature,
         "mm_vision_select_layer": vision.select_layer, "mm_vision_tower": tower, "use_mm_proj": True,
+        # The tower's weights are in this checkpoint. LLaVA builds the tower with delay_load=True
+        # (llava/model/llava_arch.py, LlavaMetaModel.__init__); CLIPVisionTower.__init__ (clip_encoder.py)
+        # creates its CLIPVisionModel before the checkpoint's weights load only if this key is set.
+        # Without it the tower's keys find no module and are dropped, and load_pretrained_model
+        # (llava/model/builder.py) then loads the stock CLIP named by mm_vision_tower. xtuner's LLaVA
+        # export writes the same key.
+        "unfreeze_mm_vision_tower": True,
         "use_cache": True}
 
 
@@ -430,3 +437,32 @@ def read_meta_llama(folder: str | Path, dtype: torch.dtype | None = None):
                                                  f"params.json, got {got}")
             state[name] = meta_interleaved_to_halves(state[name], heads)
     return cfg, state
+
+
+# ---- the parts alone, and peft adapters on them ------------------------------------------------------------
+# A CLIPVisionModel folder and a LlamaForCausalLM folder, under our model's prefixes.
+CLIP_KEYS = _under("vision.", clip.HF_KEY_MAP)
+LLAMA_KEYS = _under("llm.", llama.HF_KEY_MAP)
+
+# peft names an adapter weight `base_model.model.<module of the transformers model>.lora_A.weight` and
+# matches module names exactly on load: an adapter under other names loads nothing, with only a warning.
+# The names are those of transformers 5, whose CLIPVisionModel has no `vision_model.` level (4.x's has;
+# `merge_peft_adapter` reads both). Part -> (its table, foreign prefixes not to write).
+PEFT_PREFIX = "base_model.model."
+PEFT_PARTS = {"vision": (CLIP_KEYS, ("vision_model.",)), "llm": (LLAMA_KEYS, ())}
+
+
+def peft_state(adapters: dict[str, torch.Tensor], part: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A part's adapters under our names ("vision.encoder.layers.0.mlp.fc1.lora_A") -> peft's names
+    ("base_model.model.encoder.layers.0.mlp.fc1.lora_A.weight"), through the part's own table."""
+    table, skip = PEFT_PARTS[part]
+    return {f"{PEFT_PREFIX}{k}.weight": t for k, t in export_state(adapters, table, dtype, skip=skip).items()}
+
+
+def peft_config_json(*, r: int, alpha: float, dropout: float, target_modules: list[str], base: str,
+                     task_type: str | None) -> dict:
+    """adapter_config.json of a plain peft LoRA: W + (lora_alpha / r) B A, as lora.py computes."""
+    return {"peft_type": "LORA", "base_model_name_or_path": base, "task_type": task_type, "r": r,
+            "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": target_modules, "bias": "none",
+            "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+            "init_lora_weights": True, "inference_mode": True}

@@ -7,9 +7,11 @@ apply_chat_template, generate.
 """
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -616,3 +618,192 @@ def test_from_meta_keeps_bf16_and_refuses_what_it_cannot_read(tmp_path, meta_dir
     with pytest.raises(ValueError, match="258 ids but .*vocab_size 128256"):
         run("--from", "meta", bf16, tmp_path / "o2")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists() and leftovers(tmp_path) == []
+
+
+# ---- a training chain, as train.py writes it -------------------------------------------------------------
+
+def _finetune(folder, parent, *, llm_lora: bool, seed: int):
+    """A finetune stage on `parent`: LoRA on the ViT (B != 0), the projector trained, and the LLM
+    trained fully (train.py's finetune) or through LoRA (--llm-lora); saves what train.py saves."""
+    m = model.from_pretrained(parent)
+    r = dict(r=4, alpha=8.0, dropout=0.0)
+    configs = {"vision": lora.LoRAConfig(**r, targets=lora.VIT_TARGETS),
+               "llm": lora.LoRAConfig(**r, targets=lora.LLM_TARGETS) if llm_lora else None}
+    for part, lcfg in configs.items():
+        if lcfg:
+            lora.inject(getattr(m, part), lcfg)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for mod in lora.lora_modules(m).values():
+            mod.lora_B.normal_(0, 0.2)
+        for p in list(m.projector.parameters()) + ([] if llm_lora else list(m.llm.parameters())):
+            p.add_(torch.randn_like(p) * 0.02)
+    trained = ("projector.",) + (() if llm_lora else ("llm.",))
+    sd = {k: v for k, v in m.state_dict().items() if ".lora_" in k or k.startswith(trained)}
+    model.save_pretrained(m, folder, state_dict=sd, base={"init": str(parent)}, lora_configs=configs)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, tok_dir):
+    """A stock CLIP and Llama saved by transformers; a pretrain checkpoint on them (projector only,
+    bases = those folders); a finetune with ViT LoRA and the LLM trained fully; one with LoRA on both."""
+    root = tmp_path_factory.mktemp("chain")
+    torch.manual_seed(0)
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY_VISION)).save_pretrained(root / "clip")
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32).save_pretrained(root / "clip")
+    llm_cfg = tiny_config(data.load_tokenizer(tok_dir)).llm
+    llm_hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama.config_to_hf(llm_cfg)))
+    llm_hf.save_pretrained(root / "llm")
+    vision, llm = model.load_vision(root / "clip"), model.load_llm(root / "llm")
+    torch.manual_seed(1)
+    m = model.DoctorSun(model.ModelConfig(vision=vision.config, llm=llm.config), vision=vision, llm=llm)
+    model.save_pretrained(m, root / "pretrain", state_dict={k: v for k, v in m.state_dict().items()
+                                                           if k.startswith("projector.")},
+                          base={"vision": str(root / "clip"), "llm": str(root / "llm")},
+                          extra={"tokenizer": str(tok_dir)})
+    _finetune(root / "finetune", root / "pretrain", llm_lora=False, seed=2)
+    _finetune(root / "both_lora", root / "pretrain", llm_lora=True, seed=3)
+    return root
+
+
+# ---- ours -> original LLaVA, read by LLaVA's own loading rules -----------------------------------------
+
+def llava_vision_tower(folder: Path):
+    """The CLIPVisionModel that original LLaVA's load_pretrained_model ends up using for `folder`, decided
+    step by step as haotian-liu/LLaVA's code decides (no installable package exists); transformers'
+    public loaders do the loading."""
+    cfg = json.loads((folder / "config.json").read_text())
+    # llava/model/llava_arch.py, LlavaMetaModel.__init__: a config with mm_vision_tower builds the tower
+    # by build_vision_tower(config, delay_load=True).
+    name = cfg["mm_vision_tower"]
+    # llava/model/multimodal_encoder/builder.py, build_vision_tower: an existing path, or a name starting
+    # with "openai" / "laion" or containing "ShareGPT4V", becomes a CLIPVisionTower; anything else fails.
+    if not (os.path.exists(name) or name.startswith(("openai", "laion")) or "ShareGPT4V" in name):
+        raise ValueError(f"Unknown vision tower: {name}")
+
+    def load_model():  # llava/model/multimodal_encoder/clip_encoder.py, CLIPVisionTower.load_model
+        transformers.CLIPImageProcessor.from_pretrained(name)
+        tower, info = transformers.CLIPVisionModel.from_pretrained(name, output_loading_info=True)
+        assert not any(info.values()), info
+        return tower
+
+    # clip_encoder.py, CLIPVisionTower.__init__ with delay_load=True: the CLIPVisionModel exists before
+    # the checkpoint's weights load only if unfreeze_mm_vision_tower; otherwise just its config (cfg_only).
+    tower = load_model() if cfg.get("unfreeze_mm_vision_tower", False) else None
+    # llava/model/builder.py, load_pretrained_model -> LlavaLlamaForCausalLM.from_pretrained(model_path):
+    # the folder's weights fill the modules that exist. The tower's are model.vision_tower.vision_tower.
+    # <transformers 4.x CLIPVisionModel key>; with no tower module they are unexpected, and dropped.
+    if tower is not None:
+        prefix = "model.vision_tower.vision_tower."
+        sd = {k[len(prefix):].removeprefix("vision_model."): t  # transformers 5: no vision_model level
+              for k, t, _ in checkpoint.iter_tensors(folder) if k.startswith(prefix)}
+        tower.load_state_dict(sd, strict=True)
+    # builder.py, load_pretrained_model: `if not vision_tower.is_loaded: vision_tower.load_model()`, i.e.
+    # the CLIP named by mm_vision_tower, as it is on disk.
+    return (tower if tower is not None else load_model()).eval()
+
+
+@pytest.mark.parametrize("tower", ["written", "named"])
+def test_llava_loader_uses_tuned_tower(tmp_path, chain, tower):
+    """--to llava of a finetune whose ViT carries LoRA: the tower LLaVA's loader uses is our merged one.
+    "written": the tower is no public CLIP, so OUT/vision_tower is a real CLIP folder; "named":
+    mm_vision_tower names the stock CLIP (as the hub name openai/clip-vit-large-patch14-336 would)."""
+    ckpt = chain / "finetune"
+    run("--to", "llava", ckpt, tmp_path / "llava", "--dtype", "float32",
+        *(["--vision-tower", chain / "clip"] if tower == "named" else []))
+    used = llava_vision_tower(tmp_path / "llava")
+    ours = model.from_pretrained(ckpt)  # LoRA merged
+    stock = transformers.CLIPVisionModel.from_pretrained(chain / "clip")
+    got, want = used.state_dict(), ours.vision.state_dict()
+    assert got.keys() == want.keys()  # our names are transformers 5's CLIPVisionModel names
+    assert all(torch.equal(got[k], want[k]) for k in want)  # fp32: the merged weights, exactly
+    moved = max((got[k] - t).abs().max().item() for k, t in stock.state_dict().items())
+    px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        feats = used(pixel_values=px, output_hidden_states=True).hidden_states[-2][:, 1:]
+        err = (feats - ours.vision(px)).abs().max().item()
+    print(f"\nLLaVA's tower ({tower}): max |feature diff| vs ours = {err:.2e}; "
+          f"max |weight - stock| = {moved:.2e}")
+    assert err <= 1e-5 and moved > 1e-2
+
+
+# ---- ours -> peft adapters, loaded by peft ------------------------------------------------------------------
+
+def _peft_load(base_cls, folder: Path):
+    """peft.PeftModel.from_pretrained on the base its adapter_config names; fails on any key warning."""
+    import peft
+
+    base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = peft.PeftModel.from_pretrained(base_cls.from_pretrained(base), folder).eval()
+    bad = [str(w.message) for w in caught if "keys" in str(w.message).lower()]
+    assert not bad, bad
+    return pm, Path(base)
+
+
+@pytest.mark.parametrize("stage", ["finetune", "both_lora", "self_contained"])
+def test_peft_adapters_match_merged_model(tmp_path, chain, tok_dir, stage):
+    """peft, on the transformers base named in adapter_config.json, computes what our merged model does.
+    finetune: ViT adapter on the chain's CLIP, no LLM adapter (the LLM trained fully); both_lora: both
+    adapters on the chain's folders; self_contained: no base folder exists, so OUT holds the bases."""
+    pytest.importorskip("peft")
+    src = chain / stage
+    if stage == "self_contained":
+        src = tmp_path / "ckpt"
+        save_ours(src, tok_dir, with_lora=True, seed=5)
+    out = tmp_path / "peft"
+    info = run("--to", "peft", src, out)
+    assert info["dtype"] == "float32"  # the adapters' own dtype
+    ours = model.from_pretrained(src)  # LoRA merged
+    bases = {"finetune": (chain / "clip", None), "both_lora": (chain / "clip", chain / "llm"),
+             "self_contained": (out / "visual_encoder", out / "llm")}[stage]
+
+    vit, base = _peft_load(transformers.CLIPVisionModel, out / "visual_encoder_adapter")
+    acfg = json.loads((out / "visual_encoder_adapter" / "adapter_config.json").read_text())
+    assert base == bases[0].resolve() and acfg["r"] == 4 and acfg["lora_alpha"] == 8.0
+    assert acfg["target_modules"] == ["fc1", "fc2", "k_proj", "out_proj", "q_proj", "v_proj"]
+    px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        feats = vit(pixel_values=px, output_hidden_states=True).hidden_states[-2][:, 1:]
+        with vit.disable_adapter():
+            plain = vit(pixel_values=px, output_hidden_states=True).hidden_states[-2][:, 1:]
+        want = ours.vision(px)
+    v_err, v_off = (feats - want).abs().max().item(), (plain - want).abs().max().item()
+    print(f"\npeft ViT adapter ({stage}): max |feature diff| = {v_err:.2e} (without it: {v_off:.2e})")
+    assert v_err <= 1e-5 and v_off > 1e-2
+
+    if bases[1] is None:
+        assert not (out / "llm_adapter").exists() and info["llm_adapter"].startswith("none")
+        return
+    llm, base = _peft_load(transformers.LlamaForCausalLM, out / "llm_adapter")
+    assert base == bases[1].resolve()
+    ids = torch.tensor([[1, 5, 9, 200, 31, 7, 1000, 42]])
+    with torch.no_grad():
+        logits, want = llm(input_ids=ids).logits, ours.llm(ids)
+        with llm.disable_adapter():
+            off = (llm(input_ids=ids).logits - want).abs().max().item()
+    err = (logits - want).abs().max().item()
+    print(f"peft LLM adapter ({stage}): max |logit diff| = {err:.2e} (without it: {off:.2e})")
+    assert err <= 1e-5 and off > 1e-2
+
+
+def test_peft_needs_adapters(tmp_path, ours):
+    folder, _ = ours
+    with pytest.raises(ValueError, match="records no LoRA adapter"):
+        run("--to", "peft", folder, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists() and leftovers(tmp_path) == []
+
+
+# ---- --from keeps the source's dtype -----------------------------------------------------------------------
+
+def test_from_keeps_source_dtype(tmp_path, ours):
+    """An fp32 llava-hf folder imported without --dtype stays fp32, bit for bit; a bf16 one stays bf16."""
+    folder, ref = ours
+    for dtype in ("float32", "bfloat16"):
+        run("--to", "llava-hf", folder, tmp_path / f"hf_{dtype}", "--dtype", dtype)
+        info = run("--from", "llava-hf", tmp_path / f"hf_{dtype}", tmp_path / f"back_{dtype}")
+        floats = {t.dtype for t in load_file(tmp_path / f"back_{dtype}" / "model.safetensors").values()
+                  if t.is_floating_point()}
+        assert floats == {getattr(torch, dtype)} and info["dtype"] == dtype
+    assert_same_weights(ref, model.from_pretrained(tmp_path / "back_float32"))
