@@ -2,6 +2,7 @@
 
     python convert.py --to llava-hf CHECKPOINT OUT [--tokenizer DIR] [--dtype bfloat16] [--pad-vocab-to 64]
     python convert.py --to llava    CHECKPOINT OUT [--tokenizer DIR] [--dtype float16] [--vision-tower NAME]
+    python convert.py --to clip     CHECKPOINT OUT [--dtype float32]
     python convert.py --from llava-hf SRC OUT
     python convert.py --from llava    SRC OUT [--vision CLIP_DIR]
     python convert.py --from xtuner   SRC OUT --vision CLIP_DIR [--llm BASE_LLM_DIR]
@@ -14,6 +15,9 @@ CHECKPOINT is any folder `model.from_pretrained` reads (LoRA adapters are merged
 - llava: the original LLaVA layout (LlavaLlamaForCausalLM) in which Doctor Sun was released: no
   `<image>` in the vocabulary (the placeholder is -200 at run time), config = the LLM config plus
   the `mm_*` fields, the vision tower merged into the weights.
+- clip: the vision tower alone, LoRA merged, as a Hugging Face CLIPVisionModel folder with its
+  CLIPImageProcessor (what xtuner's `convert merge ... --is-clip` writes): the tuned tower for
+  another LLaVA training run, or for any CLIP consumer.
 - xtuner: what xtuner's `pth_to_hf` writes for a LLaVA model (`llm/` or `llm_adapter/`,
   `projector/`, `visual_encoder_adapter/`) plus the base CLIP; peft LoRA adapters are merged.
 
@@ -40,6 +44,7 @@ import checkpoint
 import clip
 import data
 import formats
+import lora
 import model
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -104,6 +109,15 @@ def image_processor_config(c: clip.ClipConfig, pad_to_square: bool) -> dict:
             "do_center_crop": True, "crop_size": {"height": c.image_size, "width": c.image_size},
             "do_rescale": True, "rescale_factor": 1 / 255,
             "do_normalize": True, "image_mean": list(data.CLIP_MEAN), "image_std": list(data.CLIP_STD)}
+
+
+def clip_processor_config(c: clip.ClipConfig) -> dict:
+    """CLIPImageProcessor's config: the same steps without padding (LLaVA pads in its own code, by
+    image_aspect_ratio)."""
+    cfg = {**image_processor_config(c, False), "image_processor_type": "CLIPImageProcessor",
+           "processor_class": "CLIPProcessor"}
+    del cfg["do_pad"]
+    return cfg
 
 
 def write_json(path: Path, obj) -> None:
@@ -235,6 +249,23 @@ def to_llava(m: model.DoctorSun, tok_dir: Path, out: Path, final_out: Path, *, d
     return {"mm_vision_tower": tower}
 
 
+# ---- ours -> a standalone CLIP vision tower -------------------------------------------------------------
+
+def to_clip(vision: clip.VisionTransformer, out: Path, *, dtype: torch.dtype, max_shard_bytes: int | None) -> dict:
+    """A CLIPVisionModel folder of `vision` (LoRA already merged by model.from_pretrained)."""
+    if lora.lora_modules(vision):
+        raise ValueError("the vision tower still holds LoRA adapters: merge them first (model.from_pretrained "
+                         "merges on load)")
+    c = vision.config
+    state = formats.export_state(vision.state_dict(), clip.HF_KEY_MAP, dtype)  # "vision_model.*", the hub layout
+    checkpoint.save_state(state, out, max_shard_bytes=max_shard_bytes)
+    write_json(out / "config.json", {**clip.config_to_hf(c), "architectures": ["CLIPVisionModel"],
+                                     "dtype": str(dtype).removeprefix("torch.")})
+    write_json(out / "preprocessor_config.json", clip_processor_config(c))
+    # LLaVA's choice of features is no CLIP setting: say it, for whoever builds on this tower.
+    return {"image_size": c.image_size, "select_layer": c.select_layer, "select_feature": c.select_feature}
+
+
 # ---- driver -----------------------------------------------------------------------------------------
 
 def convert(args: argparse.Namespace) -> dict:
@@ -256,6 +287,11 @@ def convert(args: argparse.Namespace) -> dict:
 
 def _convert_into(args: argparse.Namespace, tmp: Path, out: Path) -> dict:
     src = Path(args.src)
+    if args.to == "clip":  # fp32 by default, as OpenAI's CLIP folders are: the tower is small
+        model.detect_format(src)
+        m = model.from_pretrained(src, dtype=DTYPES[args.dtype or "float32"])  # LoRA merged on load
+        return to_clip(m.vision, tmp, dtype=DTYPES[args.dtype or "float32"],
+                       max_shard_bytes=parse_size(args.max_shard_size or "5GB"))
     if args.to:
         dtype = DTYPES[args.dtype or ("float16" if args.to == "llava" else "bfloat16")]
         shard = parse_size(args.max_shard_size or ("2GB" if args.to == "llava" else "5GB"))
@@ -292,13 +328,14 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     way = p.add_mutually_exclusive_group(required=True)
-    way.add_argument("--to", choices=["llava-hf", "llava"], help="export one of our checkpoints")
+    way.add_argument("--to", choices=["llava-hf", "llava", "clip"], help="export one of our checkpoints")
     way.add_argument("--from", dest="src_format", choices=["llava-hf", "llava", "xtuner"],
                      help="import a foreign checkpoint into our format")
     p.add_argument("src", help="CHECKPOINT (with --to) or SRC folder (with --from)")
     p.add_argument("out", help="output folder (must not exist)")
     p.add_argument("--dtype", choices=sorted(DTYPES),
-                   help="weights dtype (default: float16 for --to llava, bfloat16 otherwise)")
+                   help="weights dtype (default: float16 for --to llava, float32 for --to clip, "
+                        "bfloat16 otherwise)")
     p.add_argument("--tokenizer", help="--to: tokenizer folder (default: the checkpoint's recorded one, "
                                        "else the checkpoint folder)")
     p.add_argument("--pad-vocab-to", type=int, metavar="N",
@@ -312,7 +349,8 @@ def main(argv=None) -> dict:
     p.add_argument("--llm", help="--from xtuner: the base LLM folder (for llm_adapter/, or a frozen LLM)")
     args = p.parse_args(argv)
     # An option meant for another direction would be silently ignored: refuse it instead.
-    allowed = {"tokenizer": bool(args.to), "max_shard_size": bool(args.to), "image_aspect_ratio": bool(args.to),
+    llava = args.to in ("llava-hf", "llava")  # --to clip writes no tokenizer and no LLaVA image policy
+    allowed = {"tokenizer": llava, "max_shard_size": bool(args.to), "image_aspect_ratio": llava,
                "pad_vocab_to": args.to == "llava-hf", "vision_tower": args.to == "llava",
                "vision": args.src_format in ("llava", "xtuner"), "llm": args.src_format == "xtuner"}
     for opt, ok in allowed.items():
