@@ -3,6 +3,7 @@
     python convert.py --to llava-hf CHECKPOINT OUT [--tokenizer DIR] [--dtype bfloat16] [--pad-vocab-to 64]
     python convert.py --to llava    CHECKPOINT OUT [--tokenizer DIR] [--dtype float16] [--vision-tower NAME]
     python convert.py --to peft     CHECKPOINT OUT [--dtype float32]
+    python convert.py --to clip     CHECKPOINT OUT [--dtype float32]
     python convert.py --from llava-hf SRC OUT [--dtype bfloat16]
     python convert.py --from llava    SRC OUT [--vision CLIP_DIR]
     python convert.py --from xtuner   SRC OUT --vision CLIP_DIR [--llm BASE_LLM_DIR]
@@ -20,6 +21,9 @@ for --to peft). --from keeps the source's dtype unless --dtype is given.
 - peft: the checkpoint's LoRA adapters, each in a peft folder (`visual_encoder_adapter/`,
   `llm_adapter/`) that `peft.PeftModel.from_pretrained` loads on its part's transformers model
   (CLIPVisionModel, LlamaForCausalLM) named by `base_model_name_or_path`.
+- clip: the vision tower alone, LoRA merged, as a Hugging Face CLIPVisionModel folder with its
+  CLIPImageProcessor (what xtuner's `convert merge ... --is-clip` writes): the tuned tower for
+  another LLaVA training run, or for any CLIP consumer.
 - xtuner: what xtuner's `pth_to_hf` writes for a LLaVA model (`llm/` or `llm_adapter/`,
   `projector/`, `visual_encoder_adapter/`) plus the base CLIP; peft LoRA adapters are merged.
 - meta: Meta's native Llama 3 / 3.1 release (consolidated.00.pth, params.json, tiktoken
@@ -148,8 +152,8 @@ def image_processor_config(c: clip.ClipConfig, policy: data.PromptPolicy) -> dic
 def clip_processor_config(c: clip.ClipConfig, policy: data.PromptPolicy = data.PromptPolicy()) -> dict:
     """CLIPImageProcessor's config: the same steps without padding (LLaVA pads in its own code, by
     image_aspect_ratio)."""
-    cfg = {**image_processor_config(c, replace(policy, pad_to_square=False)), "image_processor_type": "CLIPImageProcessor",
-           "processor_class": "CLIPProcessor"}
+    cfg = {**image_processor_config(c, replace(policy, pad_to_square=False)),
+           "image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor"}
     del cfg["do_pad"]
     return cfg
 
@@ -163,11 +167,12 @@ def part_state(m: model.DoctorSun, part: str) -> dict[str, torch.Tensor]:
     return {k: t for k, t in m.state_dict().items() if k.startswith(part + ".") and ".lora_" not in k}
 
 
-def write_clip_folder(m: model.DoctorSun, folder: Path, dtype: torch.dtype) -> None:
+def write_clip_folder(m: model.DoctorSun, folder: Path, dtype: torch.dtype, max_shard_bytes: int | None = None) -> None:
     """The vision tower as a CLIPVisionModel folder: config, weights in the hub layout (`vision_model.*`,
     which transformers 4.x and 5.x both read) and the image processor."""
-    folder.mkdir()
-    checkpoint.save_state(formats.export_state(part_state(m, "vision"), formats.CLIP_KEYS, dtype), folder)
+    folder.mkdir(exist_ok=True)
+    checkpoint.save_state(formats.export_state(part_state(m, "vision"), formats.CLIP_KEYS, dtype), folder,
+                          max_shard_bytes=max_shard_bytes)
     write_json(folder / "config.json", {**clip.config_to_hf(m.config.vision), "architectures": ["CLIPVisionModel"],
                                         "torch_dtype": str(dtype).removeprefix("torch.")})
     write_json(folder / "preprocessor_config.json", clip_processor_config(m.config.vision))
@@ -451,6 +456,16 @@ def from_sources(args: argparse.Namespace, src: Path) -> list[Path]:
     return [p for p in parts if p.is_dir()] + [Path(p) for p in extra if p]
 
 
+# ---- ours -> a standalone CLIP vision tower -------------------------------------------------------------
+
+def to_clip(m: model.DoctorSun, out: Path, *, dtype: torch.dtype, max_shard_bytes: int | None) -> dict:
+    """The vision tower alone (LoRA merged by model.from_pretrained) as a CLIPVisionModel folder, what
+    xtuner's `convert merge ... --is-clip` writes: the tuned tower for another run, or any CLIP consumer."""
+    write_clip_folder(m, out, dtype, max_shard_bytes)
+    c = m.config.vision  # LLaVA's choice of features is no CLIP setting: say it, for whoever builds on this
+    return {"image_size": c.image_size, "select_layer": c.select_layer, "select_feature": c.select_feature}
+
+
 # ---- driver -----------------------------------------------------------------------------------------
 
 def convert(args: argparse.Namespace) -> dict:
@@ -476,6 +491,11 @@ def _convert_into(args: argparse.Namespace, tmp: Path, out: Path) -> dict:
         model.detect_format(src)
         dtype = DTYPES[args.dtype] if args.dtype else source_dtype([src], keep=lambda k: ".lora_" in k)
         return {"dtype": str(dtype).removeprefix("torch."), **to_peft(src, tmp, out, dtype=dtype)}
+    if args.to == "clip":  # fp32 by default, as OpenAI's CLIP folders are: the tower is small
+        model.detect_format(src)
+        dtype = DTYPES[args.dtype or "float32"]
+        return to_clip(model.from_pretrained(src, dtype=dtype), tmp, dtype=dtype,
+                       max_shard_bytes=parse_size(args.max_shard_size or "5GB"))
     if args.to:
         dtype = DTYPES[args.dtype or ("float16" if args.to == "llava" else "bfloat16")]
         shard = parse_size(args.max_shard_size or ("2GB" if args.to == "llava" else "5GB"))
@@ -528,15 +548,15 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     way = p.add_mutually_exclusive_group(required=True)
-    way.add_argument("--to", choices=["llava-hf", "llava", "peft"], help="export one of our checkpoints")
+    way.add_argument("--to", choices=["llava-hf", "llava", "peft", "clip"], help="export one of our checkpoints")
     way.add_argument("--from", dest="src_format", choices=["llava-hf", "llava", "xtuner", "meta"],
                      help="import a foreign checkpoint into our format (meta: into a transformers "
                           "Llama folder)")
     p.add_argument("src", help="CHECKPOINT (with --to) or SRC folder (with --from)")
     p.add_argument("out", help="output folder (must not exist)")
     p.add_argument("--dtype", choices=sorted(DTYPES),
-                   help="weights dtype (default: float16 for --to llava, bfloat16 for --to llava-hf, "
-                        "the adapters' for --to peft, the source's for --from)")
+                   help="weights dtype (default: float16 for --to llava, bfloat16 for --to llava-hf, float32 "
+                        "for --to clip, the adapters' for --to peft, the source's for --from)")
     p.add_argument("--tokenizer", help="--to llava-hf/llava: tokenizer folder (default: the checkpoint's "
                                        "recorded one, else the checkpoint folder)")
     p.add_argument("--pad-vocab-to", type=int, metavar="N",
@@ -552,9 +572,9 @@ def main(argv=None) -> dict:
     p.add_argument("--llm", help="--from xtuner: the base LLM folder (for llm_adapter/, or a frozen LLM)")
     args = p.parse_args(argv)
     # An option meant for another direction would be silently ignored: refuse it instead.
-    whole = args.to in ("llava-hf", "llava")
+    whole = args.to in ("llava-hf", "llava")  # the others write no tokenizer and no LLaVA image policy
     allowed = {"tokenizer": whole, "image_aspect_ratio": whole,
-               "max_shard_size": whole or args.src_format == "meta",
+               "max_shard_size": whole or args.to == "clip" or args.src_format == "meta",
                "pad_vocab_to": args.to == "llava-hf", "vision_tower": args.to == "llava",
                "vision": args.src_format in ("llava", "xtuner"), "llm": args.src_format == "xtuner"}
     for opt, ok in allowed.items():

@@ -10,9 +10,12 @@ came from, so the two directions cannot drift apart. Nothing here builds a model
     original LLaVA       LlavaLlamaForCausalLM + `mm_*` config keys: how Doctor Sun was released
     xtuner               `pth_to_hf` output: llm/ or llm_adapter/, projector/, visual_encoder_adapter/
     Meta native Llama 3  consolidated.00.pth + params.json: the LLM alone, as Meta publishes it
+    OpenAI / OpenCLIP    a CLIP's vision tower alone: open_clip's saved folder, or an OpenAI state dict
+    peft                 LoRA adapters on a transformers CLIPVisionModel / LlamaForCausalLM (written)
 
-The CLIP and Llama parts in Hugging Face folders are not foreign: `clip.py` and `llama.py` read
-them themselves, and the tables below reuse their key maps for the parts.
+The CLIP and Llama parts in Hugging Face folders are not foreign: `clip.py` and `llama.py` read them
+themselves, and the tables below reuse their key maps for the parts. A part in another layout (a
+Meta LLM, an OpenCLIP tower) is read here and built by `model.load_llm` / `model.load_vision`.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 import checkpoint
 import clip
@@ -247,6 +251,177 @@ def _merge(state: checkpoint.State, more: checkpoint.State) -> None:
                                              f"and {more.origin[name][1]}")
     state.update(more)
     state.origin.update(more.origin)
+
+
+# ---- OpenAI / OpenCLIP CLIP: the vision tower alone ---------------------------------------------------
+# open_clip's `VisionTransformer` under the `visual.` prefix of its CLIP; OpenAI's released state dicts
+# use the same names. What a user points us at (`train.py --vision PATH`):
+#   - a folder as open_clip saves and publishes it (`save_for_hf`, hub repos): open_clip_config.json
+#     ({"model_cfg": {"vision_cfg": ..., "quick_gelu": ...}, "preprocess_cfg": ...}) beside
+#     open_clip_model.safetensors or open_clip_pytorch_model.bin;
+#   - one state-dict file (.safetensors / .bin / .pt) in OpenAI's layout, its architecture read from
+#     the tensor shapes as open_clip's `build_model_from_openai_state_dict` does, with QuickGELU.
+# A folder that also has a Hugging Face config.json (some hub repos ship both) is read as Hugging Face.
+OPENCLIP_CONFIG, OPENCLIP_WEIGHTS = "open_clip_config.json", (
+    "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth")  # open_clip's own preference order (factory._find_checkpoint_in_dir)
+OPENCLIP_KEYS = {
+    "visual.conv1.": "embeddings.patch_embedding.",
+    "visual.class_embedding": "embeddings.class_embedding",
+    "visual.positional_embedding": "embeddings.position_embedding.weight",
+    "visual.ln_pre.": "pre_layrnorm.",
+    "visual.ln_post.": "post_layernorm.",
+}
+# Inside `visual.transformer.resblocks.{i}.`; repeated per block by `openclip_keys`, because a prefix
+# table renames only the start of a name and these names change after the block index.
+OPENCLIP_BLOCK_KEYS = {
+    "ln_1.": "layer_norm1.",
+    "attn.in_proj_": "self_attn.in_proj_",  # q, k, v fused: not one of our names, split by _split_qkv
+    "attn.out_proj.": "self_attn.out_proj.",
+    "ln_2.": "layer_norm2.",
+    "mlp.c_fc.": "mlp.fc1.",
+    "mlp.c_proj.": "mlp.fc2.",
+}
+# The text tower, CLIP's image->joint-space projection (`visual.proj`, HF's visual_projection, unused by
+# LLaVA's features), and the integers OpenAI's JIT archives carry as state.
+OPENCLIP_IGNORE = ("visual.proj", "token_embedding.", "positional_embedding", "transformer.", "ln_final.",
+                   "text_projection", "logit_scale", "logit_bias", "attn_mask", "text.",
+                   "input_resolution", "context_length", "vocab_size")
+# Every image is normalised with OpenAI CLIP's statistics (data.CLIP_MEAN / CLIP_STD, open_clip's
+# OPENAI_DATASET_MEAN / STD); a tower trained with others would silently see other pixels.
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+# vision_cfg fields whose non-default values change the tower's computation in ways clip.py lacks.
+OPENCLIP_UNSUPPORTED = dict(timm_model_name=None, ls_init_value=None, no_ln_pre=False, attentional_pool=False,
+                            pos_embed_type="learnable", act_kwargs=None, block_type=None, qk_norm=False,
+                            scaled_cosine_attn=False, scale_heads=False, scale_attn_inner=False,
+                            scale_attn=False, scale_fc=False)
+
+
+def openclip_keys(num_layers: int) -> dict[str, str]:
+    """The whole {open_clip prefix: our prefix} table for a tower of `num_layers` blocks."""
+    blocks = {f"visual.transformer.resblocks.{i}.{theirs}": f"encoder.layers.{i}.{ours}"
+              for i in range(num_layers) for theirs, ours in OPENCLIP_BLOCK_KEYS.items()}
+    return {**OPENCLIP_KEYS, **blocks}
+
+
+def is_openclip(path: str | Path) -> bool:
+    """A single weights file, or a folder with open_clip_config.json and no Hugging Face config.json."""
+    path = Path(path)
+    return path.is_file() or ((path / OPENCLIP_CONFIG).is_file() and not (path / "config.json").is_file())
+
+
+def openclip_config(cfg: dict, where: str | Path = OPENCLIP_CONFIG, **select) -> clip.ClipConfig:
+    """open_clip's model config (or its open_clip_config.json) -> ClipConfig; `select` = LLaVA's choices."""
+    pre = cfg.get("preprocess_cfg") or {}
+    for k, want in (("mean", OPENAI_MEAN), ("std", OPENAI_STD)):
+        if k in pre and not torch.allclose(torch.tensor(pre[k], dtype=torch.float64), torch.tensor(want, dtype=torch.float64)):
+            raise ValueError(f"{where}: preprocess_cfg {k} {pre[k]} is not OpenAI CLIP's {list(want)}, "
+                             f"which our image pipeline normalises with")
+    cfg = cfg.get("model_cfg", cfg)
+    v = cfg.get("vision_cfg")
+    if not isinstance(v, dict):
+        raise ValueError(f"{where}: no vision_cfg dict (got {type(v).__name__})")
+    bad = {k: v[k] for k, default in OPENCLIP_UNSUPPORTED.items() if v.get(k, default) != default}
+    if set(v.get("norm_kwargs") or {}) - {"eps"}:
+        bad["norm_kwargs"] = v["norm_kwargs"]
+    if not isinstance(v.get("layers", 12), int):
+        bad["layers"] = v["layers"]  # a list of stage depths: open_clip's ModifiedResNet
+    if bad:
+        raise ValueError(f"{where}: vision_cfg settings clip.py does not implement: {bad}")
+    sizes = {}
+    for k, default in (("image_size", 224), ("patch_size", 16)):
+        x = v.get(k, default)
+        if isinstance(x, (list, tuple)):
+            if len(set(x)) != 1:
+                raise ValueError(f"{where}: non-square {k} {x} is not supported")
+            x = x[0]
+        sizes[k] = int(x)
+    width = int(v.get("width", 768))
+    return clip.ClipConfig(
+        **sizes, hidden_size=width, num_hidden_layers=v.get("layers", 12),
+        num_attention_heads=int(v.get("heads") or width // v.get("head_width", 64)),
+        intermediate_size=int(width * v.get("mlp_ratio", 4.0)),  # open_clip's int(d_model * mlp_ratio)
+        hidden_act="quick_gelu" if cfg.get("quick_gelu", False) else "gelu",  # its nn.GELU is the erf form
+        layer_norm_eps=float((v.get("norm_kwargs") or {}).get("eps", 1e-5)), **select)
+
+
+def openclip_config_from_shapes(shapes: dict[str, tuple], where: str | Path, **select) -> clip.ClipConfig:
+    """An OpenAI state dict's architecture from its shapes (open_clip's build_model_from_openai_state_dict):
+    heads = width / 64 and QuickGELU, as every OpenAI CLIP has."""
+    if "visual.conv1.weight" not in shapes or "visual.positional_embedding" not in shapes:
+        kind = "a ResNet CLIP" if "visual.layer1.0.conv1.weight" in shapes else "no CLIP ViT"
+        raise ValueError(f"{where}: {kind} (no visual.conv1.weight / visual.positional_embedding)")
+    width, channels, patch, _ = shapes["visual.conv1.weight"]
+    positions = shapes["visual.positional_embedding"][0]
+    grid = round((positions - 1) ** 0.5)
+    if grid * grid + 1 != positions:
+        raise ValueError(f"{where}: visual.positional_embedding has {positions} rows, not 1 + a square grid")
+    layers = sum(k.startswith("visual.transformer.resblocks.") and k.endswith(".attn.in_proj_weight")
+                 for k in shapes)
+    mlp = shapes.get("visual.transformer.resblocks.0.mlp.c_fc.weight", (4 * width,))[0]
+    return clip.ClipConfig(image_size=patch * grid, patch_size=patch, hidden_size=width, num_hidden_layers=layers,
+                           num_attention_heads=width // 64, intermediate_size=mlp, hidden_act="quick_gelu",
+                           layer_norm_eps=1e-5, num_channels=channels, **select)
+
+
+def _openclip_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    found = [path / f for f in OPENCLIP_WEIGHTS if (path / f).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{path} has {OPENCLIP_CONFIG} but none of {list(OPENCLIP_WEIGHTS)}")
+    return found[0]
+
+
+def _shapes(file: Path) -> dict[str, tuple]:
+    """Tensor shapes without reading the data (safetensors' header; a memory-mapped .bin)."""
+    try:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a JIT archive (OpenAI's released .pt) or a pickle with code is refused here
+        raise ValueError(f"{file}: not a safetensors file or a weights-only state dict ({e}); for OpenAI's "
+                         f"TorchScript .pt, save its state_dict() once") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{file}: holds a {type(state).__name__}, not a state dict")
+    return {k: tuple(t.shape) for k, t in state.items() if isinstance(t, torch.Tensor)}
+
+
+def openclip_vision_config(path: str | Path, **select) -> clip.ClipConfig:
+    path = Path(path)
+    if path.is_file():
+        return openclip_config_from_shapes(_shapes(path), path, **select)
+    where = path / OPENCLIP_CONFIG
+    try:
+        cfg = json.loads(where.read_text())
+    except json.JSONDecodeError as e:
+        raise checkpoint.CheckpointError(f"{where}: not valid JSON ({e})") from None
+    return openclip_config(cfg, where, **select)
+
+
+def read_openclip(path: str | Path, dtype: torch.dtype, **select) -> tuple[clip.ClipConfig, checkpoint.State]:
+    """An open_clip folder or an OpenAI state-dict file -> (ClipConfig, the tower's state under clip.py's names)."""
+    cfg = openclip_vision_config(path, **select)
+    file = _openclip_file(Path(path))
+    state = checkpoint.read_state(file, openclip_keys(cfg.num_hidden_layers), ignore=OPENCLIP_IGNORE, dtype=dtype)
+    _split_qkv(state, cfg)
+    return cfg, state
+
+
+def _split_qkv(state: checkpoint.State, cfg: clip.ClipConfig) -> None:
+    """nn.MultiheadAttention's in_proj (3D, D) stacks q, k, v in that order: our q_proj, k_proj, v_proj."""
+    D = cfg.hidden_size
+    for fused in [n for n in state if ".self_attn.in_proj_" in n]:
+        key, file = state.origin.pop(fused)
+        t = state.pop(fused)
+        if t.shape[0] != 3 * D:
+            raise checkpoint.CheckpointError(f"wrong shape for {key!r} in {file}: {tuple(t.shape)}, expected "
+                                             f"({3 * D}, ...) = q, k, v of width {D}")
+        block, kind = fused.split(".in_proj_")  # "encoder.layers.{i}.self_attn", "weight" | "bias"
+        for proj, part in zip(("q_proj", "k_proj", "v_proj"), t.chunk(3)):
+            state[f"{block}.{proj}.{kind}"] = part.contiguous()
+            state.origin[f"{block}.{proj}.{kind}"] = (key, file)
 
 
 # ---- writing -------------------------------------------------------------------------------------------

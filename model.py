@@ -281,6 +281,8 @@ def _finish(m: DoctorSun) -> DoctorSun:
 
 def vision_config(path: str | Path, **select) -> clip.ClipConfig:
     """The tower's config; `select` (select_layer, select_feature) are LLaVA's choices."""
+    if formats.is_openclip(path):  # an open_clip folder or an OpenAI state-dict file
+        return formats.openclip_vision_config(path, **select)
     return clip.config_from_hf(checkpoint.load_hf_config(path), **select)
 
 
@@ -291,6 +293,13 @@ def llm_config(path: str | Path) -> llama.LlamaConfig:
 
 
 def load_vision(path: str | Path, dtype: torch.dtype = torch.float32, **select) -> clip.VisionTransformer:
+    if formats.is_openclip(path):
+        cfg, state = formats.read_openclip(path, dtype, **select)
+        with torch.device("meta"):
+            vision = clip.VisionTransformer(cfg)
+        checkpoint.assign(vision, state, source=path)
+        checkpoint.materialized(vision)
+        return vision.eval()
     return clip.from_pretrained(path, dtype=dtype, **select)
 
 

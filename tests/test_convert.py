@@ -378,6 +378,47 @@ def test_xtuner_import(tmp_path, llm_form):
     assert m.image_token_id == model.IMAGE_TOKEN_ID and m.config.projector_type == "mlp2x_gelu"
 
 
+# ---- ours -> a standalone CLIP, checked by transformers' CLIPVisionModel ---------------------------------
+
+def test_to_clip_is_the_tuned_tower(tmp_path, tok_dir):
+    """What xtuner's `convert merge --is-clip` gives: transformers loads the LoRA-merged tower, and its
+    CLIPImageProcessor makes our pixels. fp32: features within 1e-5 (the same ops, HF's eager attention)."""
+    save_ours(tmp_path / "ckpt", tok_dir, with_lora=True, seed=5)
+    out = tmp_path / "clip"
+    info = run("--to", "clip", tmp_path / "ckpt", out)  # float32 by default
+    assert info == {"image_size": 32, "select_layer": -2, "select_feature": "patch"}
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    with transformers_warnings() as logged:
+        hf, loading = transformers.CLIPVisionModel.from_pretrained(out, output_loading_info=True)
+        proc = transformers.AutoImageProcessor.from_pretrained(out)
+    assert {k: v for k, v in loading.items() if v} == {}, loading
+    assert not [r for r in logged if "missing" in r.lower() or "unexpected" in r.lower()], logged
+    assert hf.dtype == torch.float32 and type(proc).__name__.startswith("CLIPImageProcessor")
+
+    images = [make_image(), make_image(56, 40, seed=1)]  # non-square both ways: resize + centre crop
+    px = proc(images=images, return_tensors="pt")["pixel_values"]  # (2, 3, 32, 32)
+    ours_px = torch.stack([data.preprocess_image(im, size=32, pad_to_square=False) for im in images])
+    px_err = ((px - ours_px) * torch.tensor(data.CLIP_STD)[:, None, None]).abs().max().item()
+    assert px_err <= 1 / 255 + 1e-6, px_err
+
+    merged = model.from_pretrained(tmp_path / "ckpt")  # LoRA merged on load
+    untuned = model.from_pretrained(tmp_path / "ckpt", merge_lora=False)
+    for mod in lora.lora_modules(untuned.vision).values():
+        mod.lora_B.data.zero_()  # the base tower the LoRA was trained on
+    with torch.no_grad():
+        got = hf(pixel_values=px, output_hidden_states=True).hidden_states[-2][:, 1:]  # LLaVA's feature
+        want, base = merged.vision(px), untuned.vision(px)
+    err = (got - want).abs().max().item()
+    print(f"--to clip: max |feature diff| = {err:.2e}; the LoRA moves them by {(want - base).abs().max():.2f}; "
+          f"pixel diff {px_err * 255:.2f}/255")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - base).abs().max() > 1e-2  # the adapters are in the exported weights
+
+    with pytest.raises(SystemExit):  # a CLIP folder has no tokenizer and no LLaVA image policy
+        run("--to", "clip", tmp_path / "ckpt", tmp_path / "o1", "--tokenizer", tok_dir)
+    assert not (tmp_path / "o1").exists() and leftovers(tmp_path) == []
+
+
 # ---- errors -------------------------------------------------------------------------------------------
 
 def test_errors_name_the_problem_and_leave_nothing(tmp_path, ours, tok_dir, monkeypatch):

@@ -7,11 +7,13 @@ Meta's native Llama layout is checked here against llama_models' own reference m
 import dataclasses
 import json
 import pickle
+import re
 
 import pytest
 import torch
 import transformers
 
+import checkpoint
 import clip
 import formats
 import llama
@@ -170,3 +172,165 @@ def test_meta_checkpoint_is_read_weights_only(tmp_path):
     torch.save({**sd, "norm.weight": NotATensor()}, tmp_path / "consolidated.00.pth")
     with pytest.raises(pickle.UnpicklingError, match="NotATensor"):
         model.load_llm(tmp_path)
+
+
+# ---- OpenAI / OpenCLIP towers, against open_clip's own code -----------------------------------------
+# open_clip builds, saves and loads the tower; its VisionTransformer.forward_intermediates computes the
+# reference: the output of block layers-2 (HF's hidden_states[-2]), class token split off.
+# fp32 tolerance 1e-5 (measured max abs 2.9e-6 to 5.2e-6 on activations up to ~11: the same fp32 ops,
+# fused q/k/v in open_clip's nn.MultiheadAttention vs three projections here).
+
+def import_open_clip():
+    """open_clip, importable without torchvision, which only its image transforms and a ResNet norm use.
+
+    torchvision's wheels are built against one torch build (a CPU torch cannot load the PyPI wheel's ops),
+    and once installed it switches transformers' image processors to its own backend. Where it is
+    missing, placeholders stand in for the names open_clip imports at load time, only during the import.
+    """
+    try:
+        import torchvision  # noqa: F401
+        return pytest.importorskip("open_clip")
+    except ImportError:
+        pass
+    import sys
+    import types
+    names = {"torchvision": [], "torchvision.transforms.functional": [], "torchvision.ops": [],
+             "torchvision.transforms": ["Normalize", "Compose", "RandomResizedCrop", "InterpolationMode", "ToTensor",
+                                        "Resize", "CenterCrop", "ColorJitter", "Grayscale"],
+             "torchvision.ops.misc": ["FrozenBatchNorm2d"]}
+    placeholder = {"__init__": lambda self, *a, **k: None, "BICUBIC": "bicubic", "BILINEAR": "bilinear"}
+    added = [n for n in names if n not in sys.modules]
+    for n, attrs in names.items():
+        mod = types.ModuleType(n)
+        mod.__file__ = f"<placeholder {n}>"
+        for a in attrs:
+            setattr(mod, a, type(a, (), placeholder))
+        sys.modules.setdefault(n, mod)
+    sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
+    sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
+    try:
+        open_clip = pytest.importorskip("open_clip")
+    finally:
+        for n in added:  # transformers must still find no torchvision
+            sys.modules.pop(n, None)
+    return open_clip
+
+
+TEXT_CFG = dict(context_length=8, vocab_size=64, width=64, heads=1, layers=1)  # ignored by our loader
+
+
+class NoTokenizer:
+    """open_clip's save_for_hf also saves the tokenizer; the vision tower does not need one."""
+
+    def save_pretrained(self, folder):
+        pass
+
+
+def perturb(module: torch.nn.Module, seed: int = 1) -> None:
+    """open_clip inits LayerNorms to 1/0: perturb every tensor so a mis-mapped key shows."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+
+
+def make_open_clip(tmp_path, open_clip, name, vision_cfg, quick_gelu):
+    """A tiny CLIP built by open_clip from a registered model config (its add_model_config)."""
+    cfg = dict(embed_dim=16, quick_gelu=quick_gelu, vision_cfg=vision_cfg, text_cfg=TEXT_CFG)
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    m = open_clip.create_model(name, precision="fp32").eval()
+    perturb(m)
+    return m, cfg
+
+
+@torch.no_grad()
+def open_clip_layer_minus_2(visual, x):
+    """open_clip's own patch features after block layers-2 (= HF hidden_states[-2]), class token dropped."""
+    n = len(visual.transformer.resblocks)
+    out = visual.forward_intermediates(x, indices=[n - 2], intermediates_only=True, output_fmt="NLC")
+    return out["image_intermediates"][0]  # (B, P, D)
+
+
+# image px / patch -> patches; the second is ViT-L/14-336's patch size on a 6x6 grid (336 px: 24x24).
+OPENCLIP_CASES = [  # (image, patch, width, layers, head_width, quick_gelu, weights file)
+    (32, 8, 64, 3, 16, True, "open_clip_model.safetensors"),
+    (84, 14, 48, 4, 12, False, "open_clip_pytorch_model.bin"),
+]
+
+
+@pytest.mark.parametrize("image,patch,width,layers,head_width,quick_gelu,weights", OPENCLIP_CASES)
+def test_open_clip_folder_matches_open_clip(tmp_path, image, patch, width, layers, head_width, quick_gelu, weights):
+    import model
+    open_clip = import_open_clip()
+    from open_clip.push_to_hf_hub import save_for_hf
+    vision_cfg = dict(image_size=image, patch_size=patch, width=width, layers=layers, head_width=head_width)
+    m, cfg = make_open_clip(tmp_path, open_clip, f"tiny-vit-{image}", vision_cfg, quick_gelu)
+    folder = tmp_path / "saved"
+    save_for_hf(m, NoTokenizer(), cfg, folder, safe_serialization=weights.endswith(".safetensors"))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["open_clip_config.json", weights])
+    # open_clip reads the folder back with its own loader: the reference is what it loads
+    ref = open_clip.create_model(f"local-dir:{folder}", precision="fp32").eval()
+
+    expect = clip.ClipConfig(image_size=image, patch_size=patch, hidden_size=width, num_hidden_layers=layers,
+                             num_attention_heads=width // head_width, intermediate_size=4 * width,
+                             hidden_act="quick_gelu" if quick_gelu else "gelu", select_layer=-2)
+    assert model.vision_config(folder, select_layer=-2) == expect
+    ours = model.load_vision(folder, torch.float32, select_layer=-2, select_feature="patch")
+    assert ours.embeddings.position_embedding.weight.shape == ((image // patch) ** 2 + 1, width)
+    x = torch.randn(3, 3, image, image, generator=torch.Generator().manual_seed(2))
+    want = open_clip_layer_minus_2(ref.visual, x)
+    with torch.no_grad():
+        got = ours(x)
+    assert got.shape == (3, (image // patch) ** 2, width)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_openai_state_dict_file_infers_the_architecture(tmp_path):
+    """OpenAI's layout: one state dict (fp16, as OpenAI released it, text tower and all), no config."""
+    import model
+    open_clip = import_open_clip()
+    vision_cfg = dict(image_size=42, patch_size=14, width=128, layers=3)  # heads = 128 / 64, OpenAI's rule
+    m, _ = make_open_clip(tmp_path, open_clip, "tiny-openai", vision_cfg, quick_gelu=True)
+    sd = {k: v.half() for k, v in m.state_dict().items()}
+    sd.update(input_resolution=torch.tensor(42), context_length=torch.tensor(8), vocab_size=torch.tensor(64))
+    torch.save(sd, tmp_path / "ViT-tiny.pt")
+    ref = open_clip.model.build_model_from_openai_state_dict(dict(sd), quick_gelu=True).float().eval()
+
+    cfg = model.vision_config(tmp_path / "ViT-tiny.pt")
+    assert cfg == clip.ClipConfig(image_size=42, patch_size=14, hidden_size=128, num_hidden_layers=3,
+                                  num_attention_heads=2, intermediate_size=512, hidden_act="quick_gelu")
+    ours = model.load_vision(tmp_path / "ViT-tiny.pt", torch.float32)
+    x = torch.randn(2, 3, 42, 42, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = ours(x)
+    torch.testing.assert_close(got, open_clip_layer_minus_2(ref.visual, x), atol=1e-5, rtol=1e-5)
+
+
+def test_open_clip_errors_name_the_file(tmp_path):
+    import model
+    vision_cfg = dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32)
+    good = {"model_cfg": dict(embed_dim=16, quick_gelu=True, vision_cfg=vision_cfg, text_cfg=TEXT_CFG)}
+    for change, match in [(dict(ls_init_value=0.1), "ls_init_value"), (dict(layers=[2, 2, 2, 2]), "layers"),
+                          (dict(timm_model_name="vit_base_patch16_224"), "timm_model_name")]:
+        bad = {"model_cfg": {**good["model_cfg"], "vision_cfg": {**vision_cfg, **change}}}
+        with pytest.raises(ValueError, match=match):
+            formats.openclip_config(bad, "x/open_clip_config.json")
+    with pytest.raises(ValueError, match="mean"):
+        formats.openclip_config({**good, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}})
+
+    # A config whose grid disagrees with the weights: the position table's size is checked.
+    folder = tmp_path / "oc"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps(good))
+    with pytest.raises(FileNotFoundError, match="open_clip_model.safetensors"):
+        model.load_vision(folder)
+    sd = {"visual.positional_embedding": torch.zeros(10, 64), "visual.class_embedding": torch.zeros(64)}
+    torch.save(sd, folder / "open_clip_pytorch_model.bin")
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape("'visual.positional_embedding'")):
+        model.load_vision(folder)
+
+    script = torch.jit.script(torch.nn.Linear(2, 2))  # OpenAI's released .pt files are TorchScript archives
+    script.save(str(tmp_path / "jit.pt"))
+    with pytest.raises(ValueError, match="jit.pt.*weights-only state dict"):
+        model.vision_config(tmp_path / "jit.pt")
