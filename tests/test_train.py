@@ -193,6 +193,30 @@ def test_pretrain_template_follows_the_seed_and_every_checkpoint_records_its_pol
         assert policy == data.PromptPolicy(template, "", pad) and where.startswith("recorded"), (stage, policy)
 
 
+def test_train_reads_a_meta_native_llm_and_eval_its_tokenizer(parts, tmp_path, capsys):
+    """--llm META_DIR (consolidated.00.pth + params.json + tiktoken tokenizer.model, as Meta publishes
+    Llama 3): train.py trains from it, the checkpoint records that folder as its tokenizer, and eval.py
+    asks the model through it (data.Tokenizer reads the tiktoken file, ids as Meta's own Tokenizer)."""
+    import eval as E
+    import llama_models.llama3.tokenizer as meta_tokenizer
+    from conftest import save_meta_llama
+
+    meta = tmp_path / "Llama3.1-tiny"
+    params = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32,
+                  ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
+    save_meta_llama(meta, params, torch.zeros(1, 3, dtype=torch.long))
+    shutil.copy(Path(meta_tokenizer.__file__).parent / "tokenizer.model", meta / "tokenizer.model")
+    args = common(parts, "text", **{"--vision": parts["clip"], "--llm": meta, "--tokenizer": meta,
+                                    "--max-steps": 1, "--out": tmp_path / "run"})
+    run_train(args)
+    final = tmp_path / "run" / "final"
+    assert data.tokenizer_folder(final) == meta.resolve()
+    text = "患者胸痛3小时，ECG: ST elevation."
+    ours = data.load_tokenizer(data.tokenizer_folder(final)).encode(text)
+    assert ours == meta_tokenizer.Tokenizer(meta / "tokenizer.model").encode(text, bos=False, eos=False)
+    assert E.main(["--model", str(final), "--question", "What is shown?", "--max-new-tokens", "3"]) == 0
+
+
 def test_stage_table_trainable_sets_and_default_save_keys():
     """Without --save-full a checkpoint holds the trained weights plus parts no base path can
     re-create; frozen parameters have requires_grad=False (no autograd state)."""
