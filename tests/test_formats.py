@@ -307,6 +307,14 @@ def test_openai_state_dict_file_infers_the_architecture(tmp_path):
     torch.testing.assert_close(got, open_clip_layer_minus_2(ref.visual, x), atol=1e-5, rtol=1e-5)
 
 
+def test_openai_statistics_are_the_pipelines():
+    """formats.py cannot import data.py (model code knows nothing of the data pipeline), so the check
+    that an OpenCLIP tower's normalisation is the one data.preprocess_image applies needs its own copy."""
+    import data
+
+    assert formats.OPENAI_MEAN == data.CLIP_MEAN and formats.OPENAI_STD == data.CLIP_STD
+
+
 def test_open_clip_errors_name_the_file(tmp_path):
     import model
     vision_cfg = dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32)
