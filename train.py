@@ -51,7 +51,7 @@ import random
 import shutil
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +95,16 @@ DEMO_HPARAMS = {
     "pretrain": dict(lr=1e-3, global_batch=16, micro_batch=16, max_length=256, epochs=0.0, max_steps=960),
     "finetune": dict(lr=1e-3, global_batch=16, micro_batch=16, max_length=256, epochs=0.0, max_steps=1200),
 }
+# Evaluation during training, on for the demo only (real runs: --eval-data/--eval-questions). The demo's
+# held-out split is test.json (VQA on 160 unseen images): finetune scores a fixed 20% of it (64 records)
+# and asks 8 of its questions; pretrain captions 4 of its images (the caption template asks with the
+# image alone; a held-out loss would score VQA answers as captions, so there is none); the text stage
+# has no held-out text. Specs are file[:ratio][@images] in the demo folder (--seed fixes the subset).
+DEMO_EVAL = {
+    "text": dict(eval_data=None, eval_questions=None, eval_every=0),
+    "pretrain": dict(eval_data=None, eval_questions="test.json:0.0125", eval_every=160),
+    "finetune": dict(eval_data="test.json:0.2", eval_questions="test.json:0.025", eval_every=100),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -133,6 +143,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=1024)
     g.add_argument("--deepspeed", help="DeepSpeed JSON (default: configs/zero2.json on GPU, "
                                        "configs/zero0_cpu.json on CPU)")
+    g = p.add_argument_group("evaluation during training (off unless given; on for the demo: DEMO_EVAL)")
+    g.add_argument("--eval-data", help="held-out records, file[:ratio][@image_root],... as --data, in the stage's "
+                                       "format and template: loss per supervised token ('none': off)")
+    g.add_argument("--eval-questions", help="records (same spec) whose first question, and image, the model "
+                                            "answers greedily at each evaluation ('none': off)")
+    g.add_argument("--eval-every", type=int, help="evaluate before the first step, every N steps and after the "
+                                                  "last (0: first and last only)")
+    g.add_argument("--eval-max-new-tokens", type=int, default=64)
     g = p.add_argument_group("output")
     g.add_argument("--runs", default="runs", help="root of the default output folders")
     g.add_argument("--out", help="default: <runs>/<stage>")
@@ -140,6 +158,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--keep", type=int, default=2, help="step checkpoints kept (final is always kept)")
     g.add_argument("--save-full", action="store_true", help="save every weight, not only the trained ones")
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    g.add_argument("--report-to", default="none", choices=["none", "tensorboard"],
+                   help="also log to TensorBoard (event files in <out>/tensorboard, beside metrics.jsonl)")
     g.add_argument("--peak-tflops", type=float, help="device peak for the MFU estimate (default: table/measured)")
     g.add_argument("--dry-run", action="store_true", help="print sizes and memory estimates, then exit")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -180,6 +200,11 @@ class RunConfig:
     out: str
     save_every: int
     keep: int
+    eval_data: str | None               # held-out records spec (None: no eval loss)
+    eval_questions: str | None          # records whose first question is asked (None: none)
+    eval_every: int
+    eval_max_new_tokens: int
+    report_to: str                      # "none" or "tensorboard"
     save_full: bool
     resume: bool
     peak_tflops: float | None
@@ -211,10 +236,28 @@ def resolve(args: argparse.Namespace, parent: RunConfig | None = None) -> RunCon
         root = demo_root()
         f = root / stage["demo_data"]
         settings["data"] = str(f) if args.stage == "text" else f"{f}@{root}"
+    settings.update(resolve_eval(args, demo and args.data is None))
     tokenizer = None if args.dry_run else find_tokenizer(args, init, demo, parent)
     return RunConfig(**{**settings, "init": init, "tokenizer": tokenizer, "demo": demo,
                         "deepspeed": args.deepspeed or default_deepspeed(),
                         "out": args.out or str(Path(args.runs) / args.stage)})
+
+
+def resolve_eval(args, demo_data: bool) -> dict:
+    """--eval-data/--eval-questions/--eval-every: as given ('none': off), else DEMO_EVAL when the
+    stage trains on the demo's data (its held-out split), else off."""
+    table = DEMO_EVAL[args.stage] if demo_data else dict(eval_data=None, eval_questions=None, eval_every=0)
+    out = {}
+    for k in ("eval_data", "eval_questions"):
+        given = getattr(args, k)
+        if given is None and table[k]:
+            root = demo_root()
+            given = f"{root / table[k]}@{root}"
+        out[k] = None if given in (None, "", "none") else given
+    out["eval_every"] = table["eval_every"] if args.eval_every is None else args.eval_every
+    if out["eval_every"] < 0:
+        raise SystemExit(f"--eval-every {out['eval_every']}: must be >= 0")
+    return out
 
 
 def find_parent(args) -> str | None:
@@ -243,7 +286,8 @@ def stage_chain(args: argparse.Namespace) -> list[RunConfig]:
     while needs_parent_run(chain[0]):
         a = chain[0]
         chain.insert(0, parse_args(["--stage", STAGES[a.stage]["parent"], "--runs", a.runs, "--seed", str(a.seed),
-                                    "--deepspeed", a.deepspeed or default_deepspeed(), "--workers", str(a.workers)]))
+                                    "--deepspeed", a.deepspeed or default_deepspeed(), "--workers", str(a.workers),
+                                    "--report-to", a.report_to]))
     runs = []
     for a in chain:
         runs.append(resolve(a, parent=runs[-1] if runs else None))
@@ -546,6 +590,7 @@ class Trainer:
     lora: dict                          # LoRA configs (config.json "lora")
     flops: tuple[float, float, float]   # per token, supervised token and image (flops_model)
     peak: float | None                  # device FLOP/s, for the MFU
+    evals: EvalSet | None = None        # --eval-data / --eval-questions (make_eval_set)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
@@ -713,6 +758,7 @@ def setup(run: RunConfig, rank: int, world: int, device) -> Trainer:
         raise SystemExit(f"tokenizer {run.tokenizer} has {tokenizer.vocab_size} ids, "
                          f"the LLM only {m.config.llm.vocab_size}")
     ds = make_dataset(run, m, tokenizer)
+    evals = make_eval_set(run, m, tokenizer)
     gas = dsc["gradient_accumulation_steps"]
     per_epoch = len(data.LengthGroupedSampler(ds.lengths, ds.is_image, run.micro_batch,
                                               num_replicas=world, rank=rank)) // run.micro_batch
@@ -725,7 +771,7 @@ def setup(run: RunConfig, rank: int, world: int, device) -> Trainer:
     base = {"init": run.init, "vision": run.vision and str(Path(run.vision).resolve()),
             "llm": run.llm and str(Path(run.llm).resolve())}
     return Trainer(run, engine, m, ds, rank, world, device, gas, total_steps, zero_stage(dsc) == 3, base,
-                   lora_configs, flops_model(m), peak_flops(device, dtype, run.peak_tflops))
+                   lora_configs, flops_model(m), peak_flops(device, dtype, run.peak_tflops), evals)
 
 
 def train_stage(run: RunConfig, rank: int, world: int, device) -> dict:
@@ -739,14 +785,15 @@ def train_stage(run: RunConfig, rank: int, world: int, device) -> dict:
               f"({world} x {run.micro_batch} x {t.gas} accumulation), lr {run.lr:g}, "
               f"config {Path(run.deepspeed).name}")
         print("trainable: " + ", ".join(f"{k} {n_t:,}/{n:,}" for k, (n, n_t) in param_counts(t.model).items()))
-    history = start_metrics(out / "metrics.jsonl", step, rank)
+    log = MetricsLog(run, step, rank)
     t_start = time.time()
-    step, micro_done, last = fit(t, step, micro_done, history)
+    step, micro_done, last = fit(t, step, micro_done, log)
+    log.close()
     final = save(t, step, micro_done, "final")
     summary = {"stage": run.stage, "steps": step, "wall_s": round(time.time() - t_start, 1),
                "checkpoint": str(final), "skipped": last["skipped"] if last else {}}
     if rank == 0:
-        summary.update(report(history, out))
+        summary.update(report(log.rows, out))
         print("summary: " + json.dumps(summary, ensure_ascii=False))
         nxt = next((s for s, v in STAGES.items() if v["parent"] == run.stage), None)
         print(f"next: python train.py --stage {nxt}" if nxt else
@@ -766,18 +813,20 @@ def start_metrics(path: Path, step: int, rank: int) -> list[dict]:
     return history
 
 
-def fit(t: Trainer, step: int, micro_done: int, history: list[dict]) -> tuple[int, int, dict | None]:
-    """The step loop up to total_steps: log each step, checkpoint every --save-every steps.
+def fit(t: Trainer, step: int, micro_done: int, log: MetricsLog) -> tuple[int, int, dict | None]:
+    """The step loop up to total_steps: log each step, evaluate before the first step, every
+    --eval-every steps and after the last, checkpoint every --save-every steps.
     Returns (step, micro-batches done, the last metrics row)."""
     from tqdm import tqdm
 
     run, rank, world = t.run, t.rank, t.world
-    metrics_path = Path(run.out) / "metrics.jsonl"
     (f_tok, f_head, f_img), peak = t.flops, t.peak
     skipped = collections.Counter()
     batches = micro_batches(t.dataset, run, rank, world, micro_done)
     bar = tqdm(total=t.total_steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc=run.stage)
     last = None
+    if t.evals and step == 0:
+        log.write_eval(evaluate(t, step))
     try:
         while step < t.total_steps:
             t0 = time.time()
@@ -793,18 +842,18 @@ def fit(t: Trainer, step: int, micro_done: int, history: list[dict]) -> tuple[in
                     "supervised_tokens": r["supervised_tokens"], "step_s": round(dt, 3),
                     "mfu": None if not peak else round(flops / dt / (peak * world), 5),
                     "skipped": gather_counts(skipped, world)}
+            log.write(last)
             if rank == 0:
-                history.append(last)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
                 bar.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
                 bar.update(1)
+            if t.evals and (step == t.total_steps or run.eval_every and step % run.eval_every == 0):
+                log.write_eval(evaluate(t, step))
             if run.save_every and step % run.save_every == 0 and step < t.total_steps:
                 save(t, step, micro_done, f"step-{step:06d}")
     except KeyboardInterrupt:  # a summary at exit, and where to resume from
         bar.close()
         if rank == 0:
-            report_interrupt(run, step, t.total_steps, history)
+            report_interrupt(run, step, t.total_steps, log.rows)
         raise
     bar.close()
     return step, micro_done, last
@@ -917,8 +966,214 @@ def clear_zero3_grad_partitions(engine) -> None:
     engine.optimizer.grad_partitions_flat_buffer.zero_()
 
 
-def report(history: list[dict], out: Path) -> dict:
-    """Loss curve PNG and the numbers for the summary (rank 0)."""
+# ---- evaluation during training -----------------------------------------------------------------
+# xtuner's EvaluateChatHook, plus a held-out loss: the same pieces as training and eval.py (data.py's
+# dataset, collate and prompts, model.generate), not eval.py itself, whose benchmarks and scoring
+# training does not need.
+
+@dataclass
+class EvalSet:
+    """What evaluate() reads: the held-out samples (None: no loss) and the fixed questions."""
+    dataset: data.SupervisedDataset | None
+    questions: list[dict]               # question_prompt() rows (prompt ids, pixels and what to log)
+
+
+def make_eval_set(run, m: model.DoctorSun, tokenizer) -> EvalSet | None:
+    """--eval-data read exactly as the training data (template, max length, padding, bad samples);
+    --eval-questions as generation prompts."""
+    if not (run.eval_data or run.eval_questions):
+        return None
+    ds = make_dataset(replace(run, data=run.eval_data), m, tokenizer) if run.eval_data else None
+    questions = []
+    if run.eval_questions:
+        qs = make_dataset(replace(run, data=run.eval_questions), m, tokenizer)
+        for f, r in qs.index:  # the records the spec's ratios pick (fixed by --seed)
+            src, records, images = qs.files[f]
+            questions.append(question_prompt(records[r], f"{src.path}, record {r}", images, run, m, tokenizer))
+    return EvalSet(ds, questions)
+
+
+def question_prompt(rec, where: str, images, run, m: model.DoctorSun, tokenizer) -> dict:
+    """A record's first human turn (a text record: its text, to continue) with its image, as the
+    prompt eval.py builds for a checkpoint of this run: the stage's template, no system prompt."""
+    if not isinstance(rec, dict):
+        raise SystemExit(f"--eval-questions {where}: not a record object")
+    turns = rec.get("conversations") or []
+    role = lambda turn: isinstance(turn, dict) and turn.get("from", turn.get("role"))  # noqa: E731
+    question = rec.get("text") or next((u.get("value") for u in turns if role(u) in ("human", "user")), None)
+    reference = next((u.get("value") for u in turns if role(u) in ("gpt", "assistant")), "")
+    has_image = bool(rec.get("image")) and run.template != "text"
+    if not isinstance(question, str) or not (has_image or question.replace(data.IMAGE_TOKEN, "").strip()):
+        raise SystemExit(f"--eval-questions {where}: no 'text', human turn or image to ask about")
+    pixel_values = None
+    if has_image:
+        if images is None:
+            raise SystemExit(f"--eval-questions {where}: the record has an image; give the file as FILE@IMAGE_ROOT")
+        try:
+            img = images.open(rec["image"])
+        except data.SampleError as e:
+            raise SystemExit(f"--eval-questions {where}: {e}") from None
+        pixel_values = data.preprocess_image(img, m.config.vision.image_size, STAGES[run.stage]["pad_to_square"])
+    question = question.replace(data.IMAGE_TOKEN, "").strip()  # encode_prompt puts the image first
+    ids = data.encode_prompt(question, tokenizer, run.template, has_image=has_image,
+                             num_image_tokens=m.num_image_tokens, image_token_id=m.image_token_id)
+    if data.TEMPLATES[run.template].image_only_input:  # LLaVA's plain template asks with the image alone,
+        question, reference = "", ""  # so the record's answer is not what the model is asked for
+    return {"id": rec.get("id", where), "question": question,
+            "image": rec.get("image") if has_image else None, "reference": reference,
+            "input_ids": ids, "pixel_values": pixel_values}
+
+
+def evaluate(t: Trainer, step: int) -> dict:
+    """One evaluation, by every rank: the model in eval mode (no dropout) with no gradients, then
+    back in training mode. It draws from no RNG, so training goes on exactly as without it."""
+    t0 = time.time()
+    t.model.eval()
+    try:
+        row = {"step": step}
+        if t.evals.dataset is not None:
+            row.update(eval_loss(t))
+        if t.evals.questions:
+            row["eval_answers"] = eval_answers(t)
+    finally:
+        t.model.train()
+    row["eval_s"] = round(time.time() - t0, 3)
+    return row
+
+
+def eval_batches(ds: data.SupervisedDataset, micro: int, rank: int, world: int) -> list[tuple[list[int], int]]:
+    """This rank's (indices, stand-in index) micro-batches for one pass over `ds`: each modality cut
+    into global batches of micro x world samples, the k-th micro-batch of each for rank k. Every rank
+    gets as many micro-batches as the others, each of one modality, so under ZeRO-3 all ranks gather
+    the same layers in the same order (the ViT only for images); a rank with no samples left in a
+    modality's last global batch runs the stand-in with no supervised token."""
+    out = []
+    for modality in (True, False):
+        idx = [i for i, x in enumerate(ds.is_image) if x == modality]
+        for s in range(0, len(idx), micro * world):
+            g = idx[s:s + micro * world]
+            out.append((g[rank * micro:(rank + 1) * micro], g[0]))
+    return out
+
+
+@torch.no_grad()
+def eval_loss(t: Trainer) -> dict:
+    """The training loss rule over one pass of --eval-data: the summed cross-entropy of every
+    supervised token, all ranks together, divided by their count."""
+    ds, m, dev = t.evals.dataset, t.model, t.device
+    dtype = m.llm.embed_tokens.weight.dtype
+    sums, skipped = torch.zeros(2, dtype=torch.float64, device=dev), collections.Counter()
+    for mine, stand_in in eval_batches(ds, t.run.micro_batch, t.rank, t.world):
+        b = data.collate([ds[i] for i in mine or [stand_in]], pad_id=ds.tokenizer.pad_id)
+        if mine:
+            skipped.update(b["skipped"])
+        else:
+            b = unsupervised(b)
+        if not len(b["ids"]):  # only bad samples
+            continue
+        px = b["pixel_values"]
+        ls, n = m(b["input_ids"].to(dev), None if px is None else px.to(dev, dtype), b["attention_mask"].to(dev),
+                  b["labels"].to(dev))
+        sums += torch.tensor([float(ls), float(n)], dtype=torch.float64, device=dev)
+    torch.distributed.all_reduce(sums)
+    return {"eval_loss": round(sums[0].item() / max(1.0, sums[1].item()), 6),
+            "eval_supervised_tokens": int(sums[1].item()), "eval_skipped": gather_counts(skipped, t.world)}
+
+
+@torch.no_grad()
+def eval_answers(t: Trainer) -> list[dict]:
+    """Greedy answers to the fixed questions, micro-batch by micro-batch (left-padded), cut at the
+    first stop token as eval.py cuts them. Every rank answers them all: under ZeRO-3 each decoding
+    step gathers weights from every rank, so there all decode the full length (no early stop)."""
+    m, dev, tok = t.model, t.device, t.dataset.tokenizer
+    dtype = m.llm.embed_tokens.weight.dtype
+    stops = data.stop_ids(tok, m.config.llm.eos_token_id)
+    qs, out = t.evals.questions, []
+    for i in range(0, len(qs), t.run.micro_batch):
+        b = data.collate(qs[i:i + t.run.micro_batch], pad_id=tok.pad_id, padding_side="left")
+        px = b["pixel_values"]
+        new = m.generate(b["input_ids"].to(dev), None if px is None else px.to(dev, dtype),
+                         b["attention_mask"].to(dev), t.run.eval_max_new_tokens,
+                         stop_token_ids=[] if t.zero3 else stops, pad_token_id=tok.pad_id)
+        for q, row in zip(qs[i:i + t.run.micro_batch], new.tolist()):
+            cut = next((k for k, x in enumerate(row) if x in stops), len(row))
+            out.append({"id": q["id"], "question": q["question"], "image": q["image"], "reference": q["reference"],
+                        "answer": tok.decode(row[:cut], skip_special_tokens=True).strip()})
+    return out
+
+
+# ---- logging ------------------------------------------------------------------------------------
+
+# metrics.jsonl figure -> TensorBoard tag (--report-to tensorboard)
+TB_SCALARS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+              "tokens_per_s": "train/tokens_per_s", "mfu": "train/mfu", "eval_loss": "eval/loss"}
+
+
+class MetricsLog:
+    """A stage's record, kept by rank 0 (the other ranks' calls do nothing): metrics.jsonl, one row
+    per step and one per evaluation (keyed by step), the rows report() plots, and with
+    --report-to tensorboard the same figures as TensorBoard events in <out>/tensorboard."""
+
+    def __init__(self, run: RunConfig, step: int, rank: int):
+        self.rank, self.path = rank, Path(run.out) / "metrics.jsonl"
+        self.rows = start_metrics(self.path, step, rank)
+        self.tb = tensorboard_writer(Path(run.out), step) if rank == 0 and run.report_to == "tensorboard" else None
+
+    def write(self, row: dict) -> None:
+        if self.rank != 0:
+            return
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, tag in TB_SCALARS.items():
+                if row.get(k) is not None:
+                    self.tb.add_scalar(tag, row[k], row["step"])
+            if row.get("eval_answers"):
+                self.tb.add_text("eval/answers", answers_markdown(row["eval_answers"]), row["step"])
+            self.tb.flush()  # a killed run keeps what it logged
+
+    def write_eval(self, row: dict) -> None:
+        """An evaluation's row, also printed: the loss, then each question and answer."""
+        self.write(row)
+        if self.rank != 0:
+            return
+        from tqdm import tqdm
+
+        loss = (f" loss {row['eval_loss']:.4f} over {row['eval_supervised_tokens']:,} supervised tokens"
+                if "eval_loss" in row else "")
+        lines = [f"eval at step {row['step']}:{loss} ({row['eval_s']:.1f}s)"]
+        for a in row.get("eval_answers", []):
+            image = f" [{a['image']}]" if a["image"] else ""
+            lines.append(f"  {a['id']}{image}: {a['question']!r} -> {a['answer']!r}  (reference {a['reference']!r})")
+        tqdm.write("\n".join(lines))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def tensorboard_writer(out: Path, step: int):
+    """torch's SummaryWriter (it needs the tensorboard package, imported only for this flag)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise SystemExit(f"--report-to tensorboard needs the tensorboard package (pip install tensorboard): {e}")
+    # purge_step: TensorBoard drops the events a cut run logged after the checkpoint this run resumes from.
+    return SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else None)
+
+
+def answers_markdown(answers: list[dict]) -> str:
+    cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    return "\n".join(["| id | question | answer | reference |", "|---|---|---|---|"] +
+                     [f"| {cell(a['id'])} | {cell(a['question'])} | {cell(a['answer'])} | {cell(a['reference'])} |"
+                      for a in answers])
+
+
+def report(rows: list[dict], out: Path) -> dict:
+    """Loss curve PNG (train, and eval where evaluated) and the numbers for the summary (rank 0)."""
+    history = [r for r in rows if "loss" in r]  # the step rows; evaluations have rows of their own
+    evals = [r for r in rows if "eval_loss" in r]
     if not history:
         return {}
     k = max(1, len(history) // 10)
@@ -933,7 +1188,10 @@ def report(history: list[dict], out: Path) -> dict:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1)
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1, label="train")
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", ms=3, lw=1, label="eval (held out)")
+        ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("loss (per supervised token)")
     ax.set_title(f"{out.name}: {first:.3f} -> {end:.3f}")
@@ -941,8 +1199,11 @@ def report(history: list[dict], out: Path) -> dict:
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=100)
     plt.close(fig)
-    return {f"loss_first_{k}_steps": round(first, 4), f"loss_last_{k}_steps": round(end, 4),
-            "s_per_step": round(s_step, 3), "tokens_per_s": round(tok_s, 1), "loss_png": str(out / "loss.png")}
+    summary = {f"loss_first_{k}_steps": round(first, 4), f"loss_last_{k}_steps": round(end, 4),
+               "s_per_step": round(s_step, 3), "tokens_per_s": round(tok_s, 1), "loss_png": str(out / "loss.png")}
+    if evals:
+        summary.update(eval_loss_first=evals[0]["eval_loss"], eval_loss_last=evals[-1]["eval_loss"])
+    return summary
 
 
 def main(argv=None) -> dict | None:

@@ -403,6 +403,139 @@ def test_bad_configs_are_refused(parts, tmp_path):
         train.ds_config(train.resolve(train.parse_args(common(parts, "text", **{"--global-batch": 6}))), 4)
 
 
+# ---- evaluation during training, TensorBoard ----------------------------------------------------
+
+def _eval_spec(parts) -> str:
+    """Held-out test records (images) plus 11 finetune records, one of them text-only: both modalities."""
+    d = parts["demo"]
+    return f"{d}/test.json@{d},{d}/finetune.json:0.15@{d}"
+
+
+@pytest.fixture(scope="module")
+def eval_runs(parts, tmp_path_factory):
+    """Finetune from the HF folders for 3 steps with ViT LoRA dropout: with --eval-data/--eval-questions
+    every 2 steps and --report-to tensorboard, and without (the same run otherwise)."""
+    runs = tmp_path_factory.mktemp("evalruns")
+    d = parts["demo"]
+    base = common(parts, "finetune", **{"--vision": parts["clip"], "--llm": parts["llama"], "--vision-lora": 4})
+    hook = ["--eval-data", _eval_spec(parts), "--eval-questions", f"{d}/test.json@{d}", "--eval-every", 2,
+            "--eval-max-new-tokens", 12]
+    out = run_train(base + hook + ["--report-to", "tensorboard", "--out", runs / "eval"])
+    run_train(base + ["--out", runs / "plain"])
+    return runs, base, hook, out
+
+
+def _start_model(parts, base) -> model.DoctorSun:
+    """The model train.py starts the run from, rebuilt as it builds it (seeded); LoRA's B starts at zero."""
+    run = train.resolve(train.parse_args(base))
+    return train.build_model(run, train.model_config(run), torch.float32).eval()
+
+
+def _loss_per_sample(m, spec, tok) -> tuple[float, int]:
+    """The eval loss recomputed one sample at a time with model.forward (no padding, no batching)."""
+    ds = data.SupervisedDataset(data.parse_data_spec(spec), tok, template="llama3", num_image_tokens=m.num_image_tokens,
+                                image_token_id=m.image_token_id, max_length=128,
+                                image_size=m.config.vision.image_size, pad_to_square=True,
+                                seed=1024)  # the run's --seed picks the ratio's subset
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(ds)):
+            ls, n = m(*_args(data.collate([ds[i]], pad_id=tok.pad_id)))
+            total, count = total + float(ls), count + n
+    return total / count, count
+
+
+def _eval_py_answers(m, parts, tok, max_new_tokens) -> dict:
+    """eval.py's greedy answers to the test records' questions (its prompts, batching and cut)."""
+    import eval as E
+
+    d = parts["demo"]
+    exs = [E.Example(id=r["id"], question=r["question"], gold=r["answer"], image=str(d / r["image"]),
+                     prompt=r["question"]) for r in json.loads((d / "test.json").read_text())]
+    answers, skipped, _ = E.generate_answers(m, tok, exs, template="llama3", system="", pad_to_square=True,
+                                             max_new_tokens=max_new_tokens, num_workers=0, progress=False)
+    assert not skipped
+    return answers
+
+
+def test_eval_hook_loss_answers_and_plot(parts, eval_runs):
+    """--eval-data/--eval-every: rows at steps 0, 2 and 3 (before, every 2, after the last). Each
+    figure is recomputed here: the eval loss with model.forward one sample at a time from the model
+    the run started from (step 0) and from the saved checkpoint (step 3), fp32, relative 1e-5; the
+    supervised token counts exactly; the answers equal eval.py's for the same model. Training is
+    bitwise the same as without the hook (evaluation draws from no RNG; LoRA dropout does)."""
+    runs, base, hook, out = eval_runs
+    rows = metrics(runs / "eval")
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 3]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    tok = data.load_tokenizer(parts["tok"])
+    n_questions = len(json.loads((parts["demo"] / "test.json").read_text()))
+    final = model.from_pretrained(runs / "eval/final").eval()
+    for row, m in ((evals[0], _start_model(parts, base)), (evals[-1], final)):
+        loss, count = _loss_per_sample(m, _eval_spec(parts), tok)
+        print(f"step {row['step']}: eval loss {row['eval_loss']:.6f} in training, {loss:.6f} recomputed "
+              f"({count} supervised tokens)")
+        assert row["eval_supervised_tokens"] == count and row["eval_skipped"] == {}
+        assert row["eval_loss"] == pytest.approx(loss, rel=1e-5, abs=0)
+        got = {a["id"]: a["answer"] for a in row["eval_answers"]}
+        assert len(got) == n_questions and all(a["question"] and a["reference"] for a in row["eval_answers"])
+        assert got == _eval_py_answers(m, parts, tok, max_new_tokens=12)
+    assert any(a["answer"] for a in evals[0]["eval_answers"])  # a random model still says something
+    assert evals[0]["eval_loss"] > evals[-1]["eval_loss"]
+    assert "eval at step 2: loss" in out
+    assert "test_00000_presence [images/test_00000.png]: 'Is there a lesion in this image?' ->" in out
+    summary = json.loads(next(line for line in out.splitlines() if line.startswith("summary: "))[len("summary: "):])
+    assert summary["eval_loss_first"] == evals[0]["eval_loss"] and summary["eval_loss_last"] == evals[-1]["eval_loss"]
+    assert (runs / "eval/loss.png").stat().st_size > 0
+    # The hook leaves training alone.
+    plain = metrics(runs / "plain")
+    assert [(r["loss"], r["grad_norm"]) for r in plain] == [(r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+    wa, wb = load_file(runs / "eval/final/model.safetensors"), load_file(runs / "plain/final/model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_report_to_tensorboard_reads_back_as_metrics_jsonl(eval_runs):
+    """TensorBoard's own reader (EventAccumulator) finds every figure of metrics.jsonl under its tag,
+    at its step (float32 in the event file: relative 1e-6), and the answers as a text summary."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = eval_runs[0]
+    rows = metrics(runs / "eval")
+    acc = EventAccumulator(str(runs / "eval/tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    want = {tag: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k, tag in train.TB_SCALARS.items()}
+    want = {tag: v for tag, v in want.items() if v}
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "eval/loss"} <= want.keys()
+    assert set(acc.Tags()["scalars"]) == want.keys()
+    for tag, expected in want.items():
+        got = [(e.step, e.value) for e in acc.Scalars(tag)]
+        assert [s for s, _ in got] == [s for s, _ in expected], tag
+        for (_, a), (_, b) in zip(got, expected):
+            assert a == pytest.approx(b, rel=1e-6), tag
+    text = acc.Tensors("eval/answers/text_summary")
+    assert [e.step for e in text] == [0, 2, 3]
+    last = text[-1].tensor_proto.string_val[0].decode()
+    for a in rows[-1]["eval_answers"]:
+        assert f"| {a['id']} | {a['question']} |" in last
+
+
+def test_eval_hook_two_processes_zero3_match_one_process(parts, eval_runs, tmp_path):
+    """2 ranks x micro-batch 1 under ZeRO-3: the eval set is split over the ranks (a text-only
+    record alone in its global batch leaves one rank a stand-in), the loss summed over both; the
+    answers decoded by both ranks with partitioned weights. Before the first step both runs hold
+    the same model, so the step-0 rows agree (fp32, relative 1e-5: another summation order)."""
+    runs, base, hook, _ = eval_runs
+    run_train(base + hook + ["--micro-batch", 1, "--deepspeed", REPO / "configs/zero3_cpu.json",
+                             "--out", tmp_path / "z3"], nproc=2)
+    one, two = (next(r for r in metrics(f) if "eval_loss" in r) for f in (runs / "eval", tmp_path / "z3"))
+    print(f"step 0 eval loss: 1 process {one['eval_loss']}, 2 processes ZeRO-3 {two['eval_loss']}")
+    assert two["eval_supervised_tokens"] == one["eval_supervised_tokens"]
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5, abs=0)
+    assert two["eval_answers"] == one["eval_answers"]
+    assert [r["step"] for r in metrics(tmp_path / "z3") if "eval_loss" in r] == [0, 2, 3]
+
+
 # ---- the README command -------------------------------------------------------------------------
 
 @pytest.mark.slow  # ~3 minutes: trains the demo's text and pretrain stages
