@@ -33,6 +33,12 @@ re-created from a base path, with the resolved run config), DeepSpeed's engine s
 trainer_state.json, written last, listing every file with its size. `--resume` takes the newest
 checkpoint whose files are all there, so a kill at any moment costs at most the steps since it.
 
+Logging and evaluation: metrics.jsonl holds a row per step (loss, lr, grad norm, tokens/s, MFU) and,
+with --eval-data/--eval-questions, a row per evaluation (before the first step, every --eval-every
+steps, after the last): the held-out loss per supervised token and greedy answers to fixed questions,
+also printed and drawn in loss.png. Off by default; on for the demo (DEMO_EVAL). `--report-to
+tensorboard` writes the same figures as TensorBoard events in <out>/tensorboard.
+
 Reading order: main() runs the stage chain; each stage is setup() -> resume() -> fit() -> save().
 The resolved run (CLI + stage table + hyper-parameter table) is one frozen RunConfig, recorded in
 every checkpoint's config.json under "train".
@@ -1145,7 +1151,9 @@ class MetricsLog:
         lines = [f"eval at step {row['step']}:{loss} ({row['eval_s']:.1f}s)"]
         for a in row.get("eval_answers", []):
             image = f" [{a['image']}]" if a["image"] else ""
-            lines.append(f"  {a['id']}{image}: {a['question']!r} -> {a['answer']!r}  (reference {a['reference']!r})")
+            asked = repr(a["question"]) if a["question"] else "(the image alone)"
+            ref = f"  (reference {a['reference']!r})" if a["reference"] else ""
+            lines.append(f"  {a['id']}{image}: {asked} -> {a['answer']!r}{ref}")
         tqdm.write("\n".join(lines))
 
     def close(self) -> None:
@@ -1192,6 +1200,8 @@ def report(rows: list[dict], out: Path) -> dict:
     if evals:
         ax.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", ms=3, lw=1, label="eval (held out)")
         ax.legend()
+    if min([h["loss"] for h in history] + [e["eval_loss"] for e in evals]) > 0:
+        ax.set_yscale("log")  # losses span orders of magnitude; a train/eval gap shows late in a run
     ax.set_xlabel("step")
     ax.set_ylabel("loss (per supervised token)")
     ax.set_title(f"{out.name}: {first:.3f} -> {end:.3f}")
