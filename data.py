@@ -1050,30 +1050,43 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
     of indices for a DataLoader with batch_size=batch_size.
 
     Per epoch (seeded by seed + epoch): each modality is shuffled and padded with repeats of its
-    own samples to a multiple of batch_size * num_replicas (as DistributedSampler pads), so every
-    global batch is full and one modality; mega-batches of `megabatch_mult` global batches are
-    sorted by length and cut into global batches (HF's LengthGroupedSampler; LLaVA's mega-batch of
-    one global batch sorts nothing on one rank, and its final mixed batch breaks modality
-    grouping); the global batches are shuffled, and each is split over ranks with similar total
-    lengths. `start_index` skips this rank's first samples: resume with start_index =
-    batches_done * batch_size and the rest of the epoch is identical to an uninterrupted run."""
+    own samples to a multiple of global_batch (as DistributedSampler pads), so every global batch
+    is full and one modality; mega-batches of `megabatch_mult` global batches are sorted by length
+    and cut into global batches (HF's LengthGroupedSampler; LLaVA's mega-batch of one global batch
+    sorts nothing on one rank, and its final mixed batch breaks modality grouping); the global
+    batches are shuffled. All of this depends on (seed, epoch, global_batch) only, so any number of
+    ranks sees the same samples in each optimizer step. Only then is each global batch cut into
+    micro-steps of batch_size * num_replicas neighbours in length (one micro-batch on every rank;
+    global_batch / (batch_size * num_replicas) of them: the gradient accumulation), and each
+    micro-step is split over ranks with similar total lengths. global_batch defaults to
+    batch_size * num_replicas (no accumulation). `start_index` skips this rank's first samples:
+    resume with start_index = steps_done * global_batch // num_replicas and the rest of the epoch
+    is identical to an uninterrupted run, on any number of ranks."""
 
-    def __init__(self, lengths, is_image, batch_size: int, *, seed: int = 0, epoch: int = 0, num_replicas: int = 1,
-                 rank: int = 0, start_index: int = 0, megabatch_mult: int = 50):
+    def __init__(self, lengths, is_image, batch_size: int, *, global_batch: int | None = None, seed: int = 0,
+                 epoch: int = 0, num_replicas: int = 1, rank: int = 0, start_index: int = 0,
+                 megabatch_mult: int = 50):
         if len(lengths) != len(is_image):
             raise ValueError(f"{len(lengths)} lengths but {len(is_image)} is_image flags")
         if not 0 <= rank < num_replicas or batch_size < 1:
             raise ValueError(f"need batch_size >= 1, 0 <= rank < num_replicas: {batch_size=} {rank=} {num_replicas=}")
+        global_batch = global_batch or batch_size * num_replicas
+        if global_batch % (batch_size * num_replicas):
+            raise ValueError(f"global_batch {global_batch} is not a multiple of batch_size {batch_size} x "
+                             f"{num_replicas} replicas")
         self.lengths, self.is_image = list(lengths), [bool(m) for m in is_image]
-        self.batch_size, self.seed, self.epoch, self.start_index = batch_size, seed, epoch, start_index
-        self.num_replicas, self.rank, self.megabatch_mult = num_replicas, rank, megabatch_mult
+        self.batch_size, self.global_batch, self.seed, self.epoch = batch_size, global_batch, seed, epoch
+        self.num_replicas, self.rank, self.start_index = num_replicas, rank, start_index
+        self.megabatch_mult = megabatch_mult
 
     def set_epoch(self, epoch: int, start_index: int = 0):
         self.epoch, self.start_index = epoch, start_index
 
-    def _global_batches(self) -> list[list[int]]:
+    def global_batches(self) -> list[list[int]]:
+        """This epoch's optimizer steps, all ranks together: lists of global_batch indices, each
+        sorted longest first. Independent of batch_size, num_replicas and rank."""
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        step = self.batch_size * self.num_replicas
+        step = self.global_batch
         batches = []
         for modality in (True, False):
             idx = [i for i, m in enumerate(self.is_image) if m == modality]
@@ -1088,14 +1101,15 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
 
     def __iter__(self):
-        mine = [i for b in self._global_batches() for i in _split_even(b, self.lengths, self.num_replicas)[self.rank]]
+        micro_step = self.batch_size * self.num_replicas  # one micro-batch on each rank
+        mine = [i for b in self.global_batches() for s in range(0, len(b), micro_step)
+                for i in _split_even(b[s:s + micro_step], self.lengths, self.num_replicas)[self.rank]]
         return iter(mine[self.start_index:])
 
     def __len__(self):
-        step = self.batch_size * self.num_replicas
-        n_image = sum(self.is_image)
-        n = (math.ceil(n_image / step) + math.ceil((len(self.is_image) - n_image) / step)) * self.batch_size
-        return max(0, n - self.start_index)
+        n_image, G = sum(self.is_image), self.global_batch
+        n_batches = math.ceil(n_image / G) + math.ceil((len(self.is_image) - n_image) / G)
+        return max(0, n_batches * G // self.num_replicas - self.start_index)
 
 
 # ----------------------------------------------------------------------------------------------

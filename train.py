@@ -20,6 +20,10 @@ Launchers: `python train.py` (one process: this script sets up the rendezvous it
 are the upstream settings for GPUs (bf16, overlap_comm); configs/zero{0,2,3}_cpu.json run on CPU
 in fp32 (fp16 does not work there). The optimizer is always a client `torch.optim.AdamW`, so
 DeepSpeed compiles no optimizer op; batch sizes and clipping come from the command line.
+Several machines: the same command on each (`torchrun --nnodes N --node_rank R --master_addr ...`,
+or `deepspeed --hostfile`), with --out on a filesystem they share (checked before training).
+Each step's --global-batch samples are chosen before they are split over processes, so any
+number of processes trains the same model, and a ZeRO-0 run resumes on another number.
 
 The loss (torchtitan's rule): the summed cross-entropy over supervised tokens divided by the
 number of supervised tokens of the whole global batch (every micro-batch of the step on every
@@ -364,6 +368,35 @@ def init_distributed():
     return rank, world, torch.device("cpu")
 
 
+def check_shared_out(out: Path, rank: int, world: int) -> None:
+    """Every rank writes into --out (its DeepSpeed optimizer partition, rng/rank<r>.json) and rank 0
+    lists and renames the checkpoint assembled there, so on several machines --out must be one
+    folder on a shared filesystem. Rank 0 leaves a token there; if a rank cannot read it, every rank
+    stops before training (collective) rather than writing checkpoints that cannot be resumed."""
+    if world == 1:
+        return
+    marker = out / ".shared-check"
+    token = [f"{socket.gethostname()} {os.getpid()} {time.time_ns()}" if rank == 0 else None]
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        marker.write_text(token[0])
+    torch.distributed.broadcast_object_list(token, src=0)  # after the write: rank 0 got here
+    try:
+        seen = marker.read_text() == token[0]
+    except OSError:
+        seen = False
+    views = [None] * world
+    torch.distributed.all_gather_object(views, (seen, socket.gethostname(), str(out.resolve())))
+    if rank == 0:
+        marker.unlink()
+    blind = [f"rank {r} (host {host}, {folder})" for r, (ok, host, folder) in enumerate(views) if not ok]
+    if blind:
+        raise SystemExit(f"--out {out} is not shared: {', '.join(blind)} cannot read the file rank 0 (host "
+                         f"{views[0][1]}, {views[0][2]}) wrote there. Every rank writes its part of each checkpoint "
+                         f"into --out and rank 0 assembles it, so with several machines --out must be a folder on a "
+                         f"shared filesystem (NFS, Lustre, ...), at the same path on every node.")
+
+
 def ds_config(run, world: int) -> dict:
     """The DeepSpeed JSON with the batch sizes and clipping from the command line (a conflict is an error)."""
     cfg = json.loads(Path(run.deepspeed).read_text())
@@ -548,11 +581,14 @@ def make_dataset(run, m: model.DoctorSun, tokenizer) -> data.SupervisedDataset:
 
 
 def micro_batches(ds, run, rank: int, world: int, start: int):
-    """This rank's micro-batches from micro-batch `start` on, epoch after epoch. Data order is a
-    function of (seed, epoch) only, so a resumed run reads exactly what the interrupted one would."""
+    """This rank's micro-batches from micro-batch `start` on, epoch after epoch. Each optimizer
+    step's global batch is a function of (seed, epoch, --global-batch) only, split over ranks
+    afterwards: any number of processes trains on the same samples, and a resumed run reads
+    exactly what the interrupted one would (start = steps done x accumulation steps)."""
     def sampler(epoch, start_index=0):
-        return data.LengthGroupedSampler(ds.lengths, ds.is_image, run.micro_batch, seed=run.seed, epoch=epoch,
-                                         num_replicas=world, rank=rank, start_index=start_index)
+        return data.LengthGroupedSampler(ds.lengths, ds.is_image, run.micro_batch, global_batch=run.global_batch,
+                                         seed=run.seed, epoch=epoch, num_replicas=world, rank=rank,
+                                         start_index=start_index)
     per_epoch = len(sampler(0)) // run.micro_batch
     epoch, skip = divmod(start, per_epoch)
     pad_id = ds.tokenizer.pad_id
@@ -701,7 +737,8 @@ def save(t: Trainer, step: int, micro_done: int, tag: str) -> Path:
                                      data.POLICY_KEY: policy.to_dict()})
         files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
         state = {"step": step, "micro_batches": micro_done, "world_size": t.world, "seed": run.seed,
-                 "stage": run.stage, "total_steps": t.total_steps, "files": files}
+                 "stage": run.stage, "global_batch": run.global_batch,
+                 "zero_stage": t.engine.zero_optimization_stage(), "total_steps": t.total_steps, "files": files}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         replace_folder(tmp, final)
         steps = sorted(out.glob("step-*"))
@@ -724,8 +761,8 @@ def replace_folder(tmp: Path, final: Path) -> None:
 
 
 def resume(t: Trainer) -> tuple[int, int]:
-    """(step, micro-batches done per rank) of the newest complete checkpoint in --out, with the
-    engine and every RNG restored, so the run continues exactly; (0, 0) if there is none."""
+    """(step, micro-batches done per rank: step x accumulation) of the newest complete checkpoint in
+    --out, with the engine and every RNG restored, so the run continues exactly; (0, 0) if there is none."""
     run, out = t.run, Path(t.run.out)
     ckpt = latest_checkpoint(out) if out.is_dir() else None
     if ckpt is None:
@@ -733,17 +770,40 @@ def resume(t: Trainer) -> tuple[int, int]:
             print(f"resume: no complete checkpoint in {out}; starting from the beginning")
         return 0, 0
     st = json.loads((ckpt / "trainer_state.json").read_text())
-    if st["world_size"] != t.world or st["seed"] != run.seed or st["stage"] != run.stage:
-        raise SystemExit(f"resume: {ckpt} was written by a run with world size {st['world_size']}, "
-                         f"seed {st['seed']}, stage {st['stage']}; this run differs")
+    check_resumable(st, ckpt, t)
     # Not strict: the checkpoint holds only the trained parameters (exclude_frozen_parameters).
     path, _ = t.engine.load_checkpoint(str(ckpt), tag="deepspeed", load_module_strict=False)
     if path is None:
         raise SystemExit(f"resume: DeepSpeed could not load {ckpt / 'deepspeed'}")
-    set_rng_state(json.loads((ckpt / "rng" / f"rank{t.rank}.json").read_text()))
+    # On another number of processes rank r takes up rank r % old's generators: the data continues
+    # exactly, random draws (LoRA dropout) cannot match a run of another size anyway.
+    set_rng_state(json.loads((ckpt / "rng" / f"rank{t.rank % st['world_size']}.json").read_text()))
     if t.rank == 0:
-        print(f"resume: continuing from {ckpt} (step {st['step']}, {st['micro_batches']} micro-batches per rank done)")
-    return st["step"], st["micro_batches"]
+        print(f"resume: continuing from {ckpt} (step {st['step']}, {st['step'] * run.global_batch} samples done, "
+              f"written by {st['world_size']} processes, now {t.world})")
+    return st["step"], st["step"] * t.gas
+
+
+def check_resumable(st: dict, ckpt: Path, t: Trainer) -> None:
+    """Refuse a checkpoint that would not continue this run. The sample order depends on (seed,
+    stage, --global-batch) only, so the number of processes may change where DeepSpeed's state does
+    not depend on it: ZeRO-0 keeps the whole optimizer state in one file. ZeRO-1/2/3 save one
+    optimizer partition per rank (ZeRO-3 the weights too), and DeepSpeed 0.19.8's load_checkpoint
+    refuses another data-parallel size; that needs DeepSpeed's universal checkpoint."""
+    run, zero = t.run, t.engine.zero_optimization_stage()
+    # Checkpoints written before these fields were recorded: assume this run's.
+    saved = {"seed": st["seed"], "stage": st["stage"], "global batch": st.get("global_batch", run.global_batch),
+             "ZeRO stage": st.get("zero_stage", zero)}
+    now = {"seed": run.seed, "stage": run.stage, "global batch": run.global_batch, "ZeRO stage": zero}
+    if saved != now:
+        raise SystemExit(f"resume: {ckpt} was written by a run with " + ", ".join(f"{k} {v}" for k, v in saved.items())
+                         + "; this run has " + ", ".join(f"{k} {v}" for k, v in now.items()))
+    if st["world_size"] != t.world and zero > 0:
+        raise SystemExit(f"resume: {ckpt} holds ZeRO-{zero} state partitioned over {st['world_size']} processes "
+                         f"and this run has {t.world}; DeepSpeed loads it only on the same number (resume with "
+                         f"{st['world_size']} processes, or convert it with deepspeed/checkpoint/ds_to_universal.py "
+                         f"into a universal checkpoint, which train.py does not read). ZeRO-0 checkpoints resume "
+                         f"on any number of processes.")
 
 
 # ---- training -----------------------------------------------------------------------------------
@@ -766,9 +826,8 @@ def setup(run: RunConfig, rank: int, world: int, device) -> Trainer:
     ds = make_dataset(run, m, tokenizer)
     evals = make_eval_set(run, m, tokenizer)
     gas = dsc["gradient_accumulation_steps"]
-    per_epoch = len(data.LengthGroupedSampler(ds.lengths, ds.is_image, run.micro_batch,
-                                              num_replicas=world, rank=rank)) // run.micro_batch
-    total_steps = run.max_steps if run.max_steps > 0 else max(1, math.ceil(run.epochs * per_epoch / gas))
+    per_epoch = len(data.LengthGroupedSampler(ds.lengths, ds.is_image, run.global_batch)) // run.global_batch
+    total_steps = run.max_steps if run.max_steps > 0 else max(1, math.ceil(run.epochs * per_epoch))
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=run.lr, betas=(0.9, 0.999),
                             weight_decay=run.weight_decay)
     sched = lambda o: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
@@ -782,6 +841,7 @@ def setup(run: RunConfig, rank: int, world: int, device) -> Trainer:
 
 def train_stage(run: RunConfig, rank: int, world: int, device) -> dict:
     """One stage, start to finish: setup, resume, the step loop, the final checkpoint, the summary."""
+    check_shared_out(Path(run.out), rank, world)
     t = setup(run, rank, world, device)
     step, micro_done = resume(t) if run.resume else (0, 0)
     out = Path(run.out)

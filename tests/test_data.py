@@ -660,6 +660,35 @@ def test_sampler_ranks_partition_the_samples():
     assert len({len(r) for r in ranks}) == 1 and set(sum(ranks, [])) == set(range(103))
 
 
+def test_sampler_global_batch_is_the_same_on_any_number_of_ranks():
+    """Each optimizer step's global batch comes from (seed, epoch, global_batch) alone; ranks and
+    accumulation only split it. So 1 process x 12 accumulation steps and 12 processes x 1 read the
+    same 12 samples in every step, and a resume at steps_done x global_batch / ranks continues it."""
+    lengths, is_image = sampler_data()
+    G = 12
+    ref = data.LengthGroupedSampler(lengths, is_image, G, seed=3, epoch=1).global_batches()
+    assert sorted(set(sum(ref, []))) == list(range(len(lengths))) and all(len(b) == G for b in ref)
+    assert all(len({is_image[i] for i in b}) == 1 for b in ref)  # one modality per step
+    for world, micro in [(1, 12), (1, 3), (1, 1), (2, 6), (2, 2), (3, 4), (3, 1), (4, 3), (6, 2), (12, 1)]:
+        ranks = [data.LengthGroupedSampler(lengths, is_image, micro, global_batch=G, seed=3, epoch=1,
+                                           num_replicas=world, rank=r) for r in range(world)]
+        streams = [list(s) for s in ranks]
+        per = G // world  # samples per rank and step
+        assert all(len(s) == len(r) == len(ref) * per for s, r in zip(streams, ranks))
+        steps = [sorted(i for s in streams for i in s[k:k + per]) for k in range(0, len(streams[0]), per)]
+        assert steps == [sorted(b) for b in ref], (world, micro)
+        for done in (1, 5):  # resume after `done` steps
+            r = world - 1
+            resumed = data.LengthGroupedSampler(lengths, is_image, micro, global_batch=G, seed=3, epoch=1,
+                                                num_replicas=world, rank=r, start_index=done * per)
+            assert list(resumed) == streams[r][done * per:]
+    # One process: its micro-batches are length neighbours, longest first (less padding).
+    assert list(data.LengthGroupedSampler(lengths, is_image, 3, global_batch=G, seed=3, epoch=1)) == sum(ref, [])
+    assert all(lengths[b[k]] >= lengths[b[k + 1]] for b in ref for k in range(G - 1))
+    with pytest.raises(ValueError, match="not a multiple"):
+        data.LengthGroupedSampler(lengths, is_image, 2, global_batch=G, num_replicas=4)
+
+
 def test_dataloader_workers_with_zip_source(tok3, image_dir, tmp_path):
     archive = make_zip(image_dir, tmp_path / "images.zip")
     records = [image_record(f"i{k}", img) for k, img in enumerate(["ok.png", "sub/grey.png", "gif_as.jpg", "ct.dcm"] * 3)]
