@@ -210,6 +210,8 @@ def command(chat: Chat, line: str, err) -> bool:
             raise ValueError("/save needs a file name")
         rec = chat.save(arg)
         print(f"[appended {rec['id']} ({len(chat.turns)} turns) to {arg}]", file=err)
+        if any(not a for _, a in chat.turns):
+            print("[an answer is empty: training skips this record (empty_answer)]", file=err)
     elif name == "/help":
         print(COMMANDS, file=err)
     else:
@@ -286,7 +288,11 @@ def main(argv=None, stdin=None, stdout=None, stderr=None) -> int:
                 reuse_cache=not args.no_reuse_cache, do_sample=args.do_sample, temperature=args.temperature,
                 top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty)
     if args.image:
-        chat.set_image(args.image)  # a bad --image is an error at start, not a message
+        try:
+            chat.set_image(args.image)
+        except (ValueError, OSError) as e:  # a bad --image stops here: the user meant to ask about it
+            print(f"error: --image: {e}", file=stderr)
+            return 2
     if not stdin.isatty():
         converse(chat, stdin, stdout, stderr, args.stats)
         return 0

@@ -231,9 +231,11 @@ def _seen(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, vocab_si
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """transformers' RepetitionPenaltyLogitsProcessor (the CTRL paper's rule): logits (B, V) of seen
-    tokens are divided by `penalty` where positive and multiplied where negative, so penalty > 1
-    always makes a repeat less likely."""
+    """transformers' RepetitionPenaltyLogitsProcessor: logits (B, V) of seen tokens are divided by
+    `penalty` where positive and multiplied where negative, so penalty > 1 always makes a repeat
+    less likely (a plain division would make a negative logit likelier)."""
+    if not penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 
