@@ -213,7 +213,7 @@ def test_full_context_is_a_message(tiny, monkeypatch):
 
 def test_latency_per_turn_with_and_without_reuse(tiny):
     """The demo-sized model (model.build("tiny")) with the demo tokenizer: 5 turns of 32 new tokens,
-    with and without cache reuse. Prints the best of 3 runs per turn (the CPU is shared); asserts only
+    with and without cache reuse. Prints the best of 2 runs per turn (the CPU is shared); asserts only
     that both give the same answers and that reuse prefills less."""
     m = model.build("tiny")
     tok = data.load_tokenizer(tiny["demo"] / "tokenizer")
@@ -221,7 +221,7 @@ def test_latency_per_turn_with_and_without_reuse(tiny):
     answers, prefilled = {}, {}
     for reuse in (True, False):
         best = {"first_token_seconds": [float("inf")] * len(qs), "seconds": [float("inf")] * len(qs)}
-        for _ in range(3):
+        for _ in range(2):
             c = chat.Chat(m, tok, data.PromptPolicy(), max_new_tokens=32, reuse_cache=reuse)
             c.stops = []  # always 32 tokens: the turns compare like for like
             c.set_image(str(tiny["pngs"][0]))
