@@ -162,13 +162,15 @@ class DoctorSun(nn.Module):
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, stop_token_ids=None, pad_token_id: int | None = None,
                  generator: torch.Generator | None = None,
-                 streamer: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+                 streamer: Callable[[torch.Tensor], None] | None = None,
+                 repetition_penalty: float = 1.0) -> torch.Tensor:
         """Batched greedy (default) or sampled decoding with a KV cache.
 
         Prompts must be left-padded (attention_mask 0 on the left) so that every row's next token
         lands in the same column. Returns only the new tokens, (B, n) with n <= max_new_tokens;
         a row that emitted a stop token keeps it and is then filled with `pad_token_id`.
         `streamer`, if given, receives each step's (B,) tokens as they are produced.
+        `repetition_penalty` != 1 penalises every token of the prompt and of the answer so far (see `_pick`).
         """
         if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("generate() needs left padding: some rows end with padding")
@@ -190,12 +192,15 @@ class DoctorSun(nn.Module):
                                          kv_caches=caches, input_pos=0)
         next_pos = pos[:, -1:] + 1
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        seen = _seen(input_ids, attention_mask, self.config.llm.vocab_size) if repetition_penalty != 1.0 else None
         out = []
         for step in range(max_new_tokens):
             logits = self.llm.lm_head(hidden[:, -1]).float()  # (B, V)
-            tok = _pick(logits, do_sample, temperature, top_k, top_p, generator)
+            tok = _pick(logits, do_sample, temperature, top_k, top_p, generator, seen, repetition_penalty)
             tok = tok.masked_fill(done, pad_token_id)
             out.append(tok)
+            if seen is not None:
+                seen[torch.arange(B, device=tok.device), tok] = True
             if streamer is not None:
                 streamer(tok)
             done |= torch.isin(tok, stops)
@@ -215,7 +220,30 @@ def _as_list(x) -> list[int]:
     return [int(x)] if isinstance(x, int) else [int(v) for v in x]
 
 
-def _pick(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
+def _seen(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+    """(B, V) bool: which vocabulary ids occur in each row's real tokens (image placeholders lie outside)."""
+    real = (input_ids >= 0) & (input_ids < vocab_size)
+    if attention_mask is not None:
+        real &= attention_mask.bool()  # pads are not text (transformers would penalise the pad id too)
+    seen = torch.zeros(input_ids.shape[0], vocab_size + 1, dtype=torch.bool, device=input_ids.device)
+    seen.scatter_(1, input_ids.masked_fill(~real, vocab_size), True)  # column V collects the rest
+    return seen[:, :vocab_size]
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor: logits (B, V) of seen tokens are divided by
+    `penalty` where positive and multiplied where negative, so penalty > 1 always makes a repeat
+    less likely (a plain division would make a negative logit likelier)."""
+    if not penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def _pick(logits, do_sample, temperature, top_k, top_p, generator, seen=None,
+          repetition_penalty: float = 1.0) -> torch.Tensor:
+    if seen is not None and repetition_penalty != 1.0:  # on the raw logits, before temperature, as transformers
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
     if not do_sample:
         return logits.argmax(-1)
     logits = logits / max(temperature, 1e-5)
@@ -229,6 +257,80 @@ def _pick(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tens
         logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class Session:
+    """One conversation's decoding state, batch 1: KV caches holding the keys/values of `ids`.
+
+    Each turn calls `generate` with the whole conversation so far, ending at the next answer header
+    (image placeholders, history, the new question). It must extend `ids`; only the new tail is
+    prefilled, so a later turn re-encodes neither the image nor the history. The caches hold token
+    ids, not pixels: a conversation about another image needs a new Session.
+
+    The caches start at the first turn's need (at least 256 positions) and are reallocated at twice
+    the size, the filled prefix copied, whenever a turn needs more, up to max_position_embeddings.
+    """
+
+    def __init__(self, model: DoctorSun):
+        self.model = model
+        self.ids: list[int] = []  # the tokens whose keys/values the caches hold
+        self.caches: nn.ModuleList | None = None
+        self.seen: torch.Tensor | None = None  # (1, V) bool: tokens of the conversation (repetition penalty)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.caches is None else self.caches[0].k_cache.shape[2]
+
+    def _reserve(self, n: int) -> None:
+        limit = self.model.config.llm.max_position_embeddings
+        if n > limit:
+            raise ValueError(f"this turn needs {n} positions (conversation + max_new_tokens); the model's "
+                             f"context is {limit}: start a new conversation")
+        if n <= self.capacity:
+            return
+        w = self.model.llm.embed_tokens.weight
+        caches = self.model.llm.make_kv_caches(1, min(max(n, 2 * self.capacity, 256), limit), w.dtype, w.device)
+        k = len(self.ids)
+        for old, new in zip(self.caches or [], caches):
+            new.k_cache[:, :, :k] = old.k_cache[:, :, :k]  # (1, n_kv, k, hd)
+            new.v_cache[:, :, :k] = old.v_cache[:, :, :k]
+        self.caches = caches
+
+    @torch.no_grad()
+    def generate(self, ids: list[int], pixel_values: torch.Tensor | None = None, max_new_tokens: int = 256, *,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 repetition_penalty: float = 1.0, stop_token_ids=None, generator: torch.Generator | None = None,
+                 streamer: Callable[[torch.Tensor], None] | None = None) -> list[int]:
+        """The answer's tokens after `ids`, a stop token included if one was drawn: what
+        DoctorSun.generate gives for the same `ids` as one prompt. `pixel_values` (1, 3, S, S) are
+        encoded only when the new tail holds the image's placeholders."""
+        m, n = self.model, len(self.ids)
+        if list(ids[:n]) != self.ids or len(ids) == n:
+            raise ValueError(f"the conversation ({len(ids)} tokens) must extend the {n} tokens the KV cache "
+                             f"holds; start a new Session to change the history")
+        self._reserve(len(ids) + max_new_tokens)
+        V = m.config.llm.vocab_size
+        new = torch.tensor([ids[n:]], device=m.llm.embed_tokens.weight.device)  # (1, T)
+        x = m.embed(new, pixel_values if bool((new == m.image_token_id).any()) else None)  # (1, T, D)
+        hidden = m.llm.forward_hidden(x, kv_caches=self.caches, input_pos=n)  # (1, T, D)
+        self.ids = list(ids)
+        seen = _seen(new, None, V)
+        self.seen = seen if self.seen is None else self.seen | seen
+        stops = set(_as_list(stop_token_ids if stop_token_ids is not None else m.config.llm.eos_token_id))
+        out = []
+        for step in range(max_new_tokens):
+            logits = m.llm.lm_head(hidden[:, -1]).float()  # (1, V)
+            tok = _pick(logits, do_sample, temperature, top_k, top_p, generator, self.seen, repetition_penalty)
+            out.append(int(tok))
+            self.seen[0, out[-1]] = True
+            if streamer is not None:
+                streamer(tok)
+            if out[-1] in stops or step == max_new_tokens - 1:
+                break  # the last token is not fed: the next turn starts with it (or with what replaces it)
+            hidden = m.llm.forward_hidden(m.llm.embed_tokens(tok[:, None]), kv_caches=self.caches,
+                                          input_pos=len(self.ids))  # (1, 1, D)
+            self.ids.append(out[-1])
+        return out
 
 
 # ---- loading ----------------------------------------------------------------------------------

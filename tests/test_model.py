@@ -4,6 +4,7 @@ The HF model is saved with save_pretrained and loaded through our production loa
 (`model.from_pretrained`), so the key table is tested too. Tolerances: fp32 max abs 1e-4,
 bf16 6e-2 on logits of order 1 (bf16 keeps 8 mantissa bits; errors compound over layers).
 """
+import dataclasses
 import json
 
 import pytest
@@ -15,6 +16,7 @@ import data
 import llama
 import lora
 import model
+from conftest import tiny_model_config
 
 V, IMG = 96, 95  # vocabulary (the last id is <image>, as after llava-hf conversion)
 
@@ -189,6 +191,78 @@ def test_sampling_is_seeded(pair):
                                   top_p=0.9, generator=torch.Generator().manual_seed(s))
     assert run(0).tolist() == run(0).tolist()
     assert any(run(0).tolist() != run(s).tolist() for s in range(1, 6))
+
+
+def test_repetition_penalty_matches_transformers_processor():
+    """model.apply_repetition_penalty over the tokens seen == RepetitionPenaltyLogitsProcessor, exactly."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, V, generator=g) * 4  # both signs
+    ids = torch.randint(0, V, (3, 12), generator=g)
+    ids[:, 6:] = ids[:, :6]  # repeats: a token seen twice is penalised once
+    for penalty in (1.3, 0.7):
+        ref = RepetitionPenaltyLogitsProcessor(penalty)(ids, logits.clone())
+        got = model.apply_repetition_penalty(logits, model._seen(ids, None, V), penalty)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        assert (got != logits).sum() == sum(len(set(r.tolist())) for r in ids) - int((logits == 0).sum())
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_generate_with_repetition_penalty_matches_transformers(pair, batch):
+    """The whole prompt (image placeholders too, as transformers keeps them in input_ids) and the answer
+    so far are penalised. Rows of equal length: transformers would also penalise a left pad's id."""
+    hf, ours, _ = pair
+    g = torch.Generator().manual_seed(20 + batch)
+    ids = torch.tensor([prompt(3, 4, g) for _ in range(batch)])
+    px = torch.randn(batch, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, pixel_values=px, max_new_tokens=12, do_sample=False,
+                          repetition_penalty=1.8, eos_token_id=2, pad_token_id=0)[:, ids.shape[1]:]
+    got = ours.generate(ids, px, max_new_tokens=12, stop_token_ids=[2], pad_token_id=0, repetition_penalty=1.8)
+    plain = ours.generate(ids, px, max_new_tokens=12, stop_token_ids=[2], pad_token_id=0)
+    assert got.tolist() == ref.tolist()
+    assert got.tolist() != plain.tolist()  # the penalty changed the answer: the comparison means something
+
+
+def llm_tokens_per_call(m):
+    """A list that fills with the number of tokens each LLM forward processes, and the hook's handle."""
+    calls = []
+    return calls, m.llm.layers[0].register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[1]))
+
+
+def test_session_turns_equal_generate_from_scratch():
+    """Three turns through one Session (cache grown from 256 to 512 positions on the way) give what
+    generate gives for each whole prompt; each turn prefills only its new tokens."""
+    cfg = dataclasses.replace(tiny_model_config(V, max_position_embeddings=2048), image_token_id=IMG)
+    m = model.build(cfg, seed=0).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(3.0) if p.dim() > 1 else None
+    g = torch.Generator().manual_seed(8)
+    px = torch.randn(1, 3, 32, 32, generator=g)
+    s = model.Session(m)
+    ids, capacities = [], []
+    for tail in (prompt(3, 5, g), torch.randint(3, IMG, (9,), generator=g).tolist(),
+                 torch.randint(3, IMG, (230,), generator=g).tolist()):
+        ids = ids + tail
+        held = len(s.ids)
+        calls, h = llm_tokens_per_call(m)
+        try:
+            got = s.generate(ids, px, max_new_tokens=8, stop_token_ids=[2], repetition_penalty=1.2)
+        finally:
+            h.remove()
+        ref = m.generate(torch.tensor([ids]), px, max_new_tokens=8, stop_token_ids=[2], repetition_penalty=1.2)
+        assert got == ref[0].tolist()
+        assert calls[0] == len(ids) - held and set(calls[1:]) <= {1}
+        capacities.append(s.capacity)
+        ids = ids + got
+    assert capacities == [256, 256, 512]
+    with pytest.raises(ValueError, match="must extend"):
+        s.generate([5, 6, 7], px)
+    m.config.llm.max_position_embeddings = len(ids)
+    with pytest.raises(ValueError, match=f"context is {len(ids)}: start a new conversation"):
+        model.Session(m).generate(ids, px, max_new_tokens=8)
 
 
 def test_bf16_within_documented_bound(pair):
