@@ -97,7 +97,7 @@ class Chat:
             return E.encode(ex, self.tok, self.m, self.policy.template, self.system)
         if data.IMAGE_TOKEN in question:
             raise ValueError(f"{data.IMAGE_TOKEN} in a later question: the image goes first (/image PATH)")
-        return self.ids + later_turn_ids(question, self.tok, self.policy.template, self.m.image_token_id)
+        return self.ids + data.encode_later_turn(question, self.tok, self.policy.template, image_token_id=self.m.image_token_id)
 
     def ask(self, question: str, out=None) -> str:
         """Answer one question, streaming the text to `out` (then a newline, as eval.py prints)."""
@@ -128,7 +128,7 @@ class Chat:
             out.flush()
         answer = E.decode_answer(new, self.tok, self.stops)
         body = new[:-1] if new and new[-1] in self.stops else new
-        self.ids = ids + body + answer_end_ids(self.tok, self.policy.template)
+        self.ids = ids + body + data.answer_end_ids(self.tok, self.policy.template)
         self.turns.append((question, answer))
         return answer
 
@@ -154,21 +154,6 @@ class Chat:
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         return rec
-
-
-def later_turn_ids(question: str, tok: data.Tokenizer, template: str, image_token_id: int) -> list[int]:
-    """A human turn after the first, with the header that opens its answer: the template's `user`
-    part through the renderer training uses (never the prefix or the system prompt again)."""
-    t = data._template(template)
-    text = "" if t.image_only_input else question.strip()  # a caption template reads no question
-    return data._tokenize([(data._render(t.user, tok, input=text), False)], tok, 0, image_token_id)[0]
-
-
-def answer_end_ids(tok: data.Tokenizer, template: str) -> list[int]:
-    """What closes an answer in training (Llama-3: <|eot_id|>; Vicuna: </s>). The history gets these
-    whether the model stopped on them, on another stop id, or ran out of max_new_tokens."""
-    end = data._template(template).assistant.split("{output}", 1)[1]
-    return data._tokenize([(data._render(end, tok), True)], tok, 0, model.IMAGE_TOKEN_ID)[0]
 
 
 def split_image_spec(spec: str) -> tuple[str, str | None]:

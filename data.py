@@ -676,6 +676,22 @@ def encode_prompt(question: str, tokenizer: Tokenizer, template="llama3", *, sys
     return _tokenize(spans, tokenizer, num_image_tokens if has_image else 0, image_token_id)[0]
 
 
+def encode_later_turn(question: str, tokenizer: Tokenizer, template="llama3", *,
+                      image_token_id: int = IMAGE_TOKEN_ID) -> list[int]:
+    """A human turn after the first, with the header that opens its answer, as training renders it
+    inside a multi-turn record (never the prefix or the system prompt again): what a chat appends."""
+    t = _template(template)
+    text = "" if t.image_only_input else question.strip()  # a caption template reads no question
+    return _tokenize([(_render(t.user, tokenizer, input=text), False)], tokenizer, 0, image_token_id)[0]
+
+
+def answer_end_ids(tokenizer: Tokenizer, template="llama3") -> list[int]:
+    """What closes an answer in training (Llama-3: <|eot_id|>; Vicuna: </s>): a chat's history gets
+    these whether the model stopped on them, on another stop id, or ran out of new tokens."""
+    end = _template(template).assistant.split("{output}", 1)[1]
+    return _tokenize([(_render(end, tokenizer), True)], tokenizer, 0, IMAGE_TOKEN_ID)[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # How a checkpoint's inputs were prepared (train.py records its run in config.json)
 

@@ -698,8 +698,8 @@ def decode_answer(row: list[int], tok, stops) -> str:
 def generate_answers(m, tok, examples: list[Example], *, template="llama3", system="",
                      batch_size=16, max_new_tokens=64, pad_to_square=True, norm=(data.CLIP_MEAN, data.CLIP_STD),
                      blank_images=False,
-                     do_sample=False, temperature=1.0, top_p=1.0, top_k=0, seed=0, num_workers=2,
-                     progress=True) -> tuple[dict, dict, float]:
+                     do_sample=False, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0,
+                     num_workers=2, progress=True) -> tuple[dict, dict, float]:
     """Answers for every example: ({id: text}, {id: (skip reason, detail)}, seconds).
 
     Prompts are sorted by length, longest first (a too-large batch fails at once, and rows of a
@@ -726,7 +726,8 @@ def generate_answers(m, tok, examples: list[Example], *, template="llama3", syst
             out = m.generate(batch["input_ids"].to(device),
                              None if pix is None else pix.to(device, m.llm.embed_tokens.weight.dtype),
                              batch["attention_mask"].to(device), max_new_tokens, do_sample=do_sample,
-                             temperature=temperature, top_k=top_k, top_p=top_p, stop_token_ids=stops,
+                             temperature=temperature, top_k=top_k, top_p=top_p,
+                             repetition_penalty=repetition_penalty, stop_token_ids=stops,
                              pad_token_id=tok.pad_id, generator=gen)
             for qid, row in zip(batch["ids"], out.tolist()):
                 answers[qid] = decode_answer(row, tok, stops)
@@ -858,6 +859,8 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages tokens already in the prompt or answer (transformers' rule)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers preprocessing images")
     g = p.add_argument_group("one question")
@@ -916,7 +919,8 @@ def load_model(args):
 
 
 def _sampling(args) -> dict:
-    return dict(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    return dict(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                repetition_penalty=args.repetition_penalty)
 
 
 def run_ask(args) -> int:
@@ -967,6 +971,8 @@ def run_evaluate(args) -> int:
                 "samples_per_s": round(len(examples) / max(seconds, 1e-9), 3)}
     if args.do_sample:
         settings.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    if args.repetition_penalty != 1.0:
+        settings["repetition_penalty"] = args.repetition_penalty
     return _report(args, examples, answers, skipped, settings)
 
 

@@ -186,6 +186,12 @@ def test_cli_through_a_pipe_first_answer_is_eval_py(tiny, tmp_path, capsys):
     assert r.stdout.startswith(capsys.readouterr().out)
     assert r.stderr.count("[prefilled") == 3 and "[image" in r.stderr
     assert len(data.read_records(saved)[0]["conversations"]) == 2
+    # The seed's sampling flags mean the same in both CLIs: here a repetition penalty, greedy.
+    flags += ["--repetition-penalty", "1.8"]
+    r = subprocess.run([sys.executable, "chat.py", *flags], input=f"{EN}\n", capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert E.main([*flags, "--question", EN]) == 0
+    assert r.returncode == 0 and r.stdout == capsys.readouterr().out
 
 
 def test_sampling_and_repetition_penalty_first_answer_is_eval_ask(tiny):
