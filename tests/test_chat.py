@@ -243,3 +243,20 @@ def test_latency_per_turn_with_and_without_reuse(tiny):
               + " ".join(f"{s * 1000:.0f}" for s in best["seconds"]) + " ms")
     assert answers[True] == answers[False]
     assert sum(prefilled[True]) < sum(prefilled[False])
+
+
+@pytest.mark.parametrize("layout", ["llava-hf", "llava"])
+def test_exported_folders_chat_like_our_checkpoint(tiny, tmp_path, layout):
+    """chat.py takes a transformers LLaVA or an original LLaVA folder too: the export carries the
+    prompt policy, so the same model gives the same two turns in either container."""
+    import convert
+
+    out = tmp_path / layout
+    convert.main(["--to", layout, str(tiny["ckpt"]), str(out), "--dtype", "float32"])
+    answers = []
+    for folder in (tiny["ckpt"], out):
+        stdout = io.StringIO()
+        assert chat.main(["--model", str(folder), "--image", str(tiny["pngs"][0]), "--max-new-tokens", str(N_NEW)],
+                         stdin=io.StringIO(f"{EN}\n{ZH}\n"), stdout=stdout, stderr=io.StringIO()) == 0
+        answers.append(stdout.getvalue())
+    assert answers[0] == answers[1] and answers[0].count("\n") >= 2, answers
