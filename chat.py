@@ -252,13 +252,7 @@ def parse_args(argv=None):
     p.add_argument("--pad-to-square", action=argparse.BooleanOptionalAction, default=None,
                    help="default: as the checkpoint was trained")
     p.add_argument("--max-new-tokens", type=int, default=256, help="per answer")
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="> 1 discourages any token already in the conversation (transformers' rule)")
-    p.add_argument("--seed", type=int, default=0)
+    E.add_sampling_flags(p)
     p.add_argument("--stats", action="store_true", help="after each answer, print tokens prefilled/generated and seconds")
     p.add_argument("--no-reuse-cache", action="store_true",
                    help="prefill the whole conversation every turn (to measure what the KV cache saves)")

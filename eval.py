@@ -855,13 +855,7 @@ def parse_args(argv=None):
                    help="replace every image by a blank (CLIP-mean colour) one: how much do answers use the image?")
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--max-new-tokens", type=int, help="default 64 (256 for caption)")
-    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="> 1 discourages tokens already in the prompt or answer (transformers' rule)")
-    g.add_argument("--seed", type=int, default=0)
+    add_sampling_flags(g)
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers preprocessing images")
     g = p.add_argument_group("one question")
     g.add_argument("--image", help="an image (DICOM, PNG, JPG ...) to ask --question about")
@@ -916,6 +910,17 @@ def load_model(args):
           f"{policy.pad_to_square} ({where}" + (f"; overridden: {', '.join(overridden)})" if overridden else ")"),
           file=sys.stderr)
     return m, tok, policy, where
+
+
+def add_sampling_flags(g) -> None:
+    """Decoding flags, as the seed's evaluation has them; chat.py takes the same ones."""
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages tokens already in the prompt or answer (transformers' rule)")
+    g.add_argument("--seed", type=int, default=0)
 
 
 def _sampling(args) -> dict:

@@ -76,3 +76,20 @@ def save_meta_llama(folder, params: dict, tokens, *, seed: int = 0, dtype=torch.
     torch.save({k: v.to(dtype) for k, v in ref.state_dict().items()}, folder / "consolidated.00.pth")
     (folder / "params.json").write_text(json.dumps(params))
     return logits
+
+
+def tiny_checkpoint(root, *, seed: int = 0):
+    """A tiny random checkpoint in our format with the demo tokenizer recorded in its config (weights
+    scaled up: random init gives nearly flat logits, and greedy choices should be decisive).
+    Returns (checkpoint folder, demo folder)."""
+    import demo
+
+    root = Path(root)
+    demo_dir = demo.build(root / "demo", n_train_images=2, n_test_images=2)
+    m = model.build(tiny_model_config(2048), seed=seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.mul_(3.0)
+    model.save_pretrained(m, root / "ckpt", extra={"tokenizer": str(demo_dir / "tokenizer"), "stage": "finetune"})
+    return root / "ckpt", demo_dir

@@ -24,10 +24,9 @@ from PIL import Image
 
 import chat
 import data
-import demo
 import eval as E
 import model
-from conftest import tiny_model_config
+from conftest import tiny_checkpoint
 
 N_NEW = 10  # answer length: long enough to differ between prompts, short enough for CPU
 EN, ZH = "Is there a lesion in this image?", "病灶在哪里？"
@@ -38,14 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny(tmp_path_factory):
     """A tiny random checkpoint in our format with the demo tokenizer; two PNGs, one also in a zip."""
     root = tmp_path_factory.mktemp("chat")
-    demo_dir = demo.build(root / "demo", n_train_images=2, n_test_images=2)
-    m = model.build(tiny_model_config(2048), seed=0)
-    with torch.no_grad():  # random init gives nearly flat logits; scale up so greedy choices are decisive
-        for p in m.parameters():
-            if p.dim() > 1:
-                p.mul_(3.0)
-    ckpt = root / "ckpt"
-    model.save_pretrained(m, ckpt, extra={"tokenizer": str(demo_dir / "tokenizer"), "stage": "finetune"})
+    ckpt, demo_dir = tiny_checkpoint(root)
     rng = np.random.default_rng(0)
     pngs = []
     for k, shape in enumerate([(40, 48, 3), (64, 32, 3)]):

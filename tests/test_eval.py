@@ -15,10 +15,9 @@ import torch
 from PIL import Image
 
 import data
-import demo
 import eval as E
 import model
-from conftest import TINY_LLM, TINY_VISION, tiny_model_config
+from conftest import TINY_LLM, TINY_VISION, tiny_checkpoint
 
 # ---------------------------------------------------------------------------------------------
 # Scoring: the normaliser
@@ -410,14 +409,7 @@ def test_loader_errors_name_file_and_record(tmp_path):
 def tiny(tmp_path_factory):
     """A tiny random checkpoint in our format, with the demo tokenizer recorded in its config."""
     root = tmp_path_factory.mktemp("eval")
-    demo_dir = demo.build(root / "demo", n_train_images=2, n_test_images=2)
-    m = model.build(tiny_model_config(2048), seed=0)
-    with torch.no_grad():  # random init gives nearly flat logits; scale up so greedy choices are decisive
-        for p in m.parameters():
-            if p.dim() > 1:
-                p.mul_(3.0)
-    ckpt = root / "ckpt"
-    model.save_pretrained(m, ckpt, extra={"tokenizer": str(demo_dir / "tokenizer"), "stage": "finetune"})
+    ckpt, _ = tiny_checkpoint(root)
     m = model.from_pretrained(ckpt)
     tok = data.load_tokenizer(data.tokenizer_folder(ckpt))
     return {"root": root, "ckpt": ckpt, "model": m, "tok": tok}
