@@ -126,7 +126,7 @@ class Chat:
             full = self.tok.decode(printer.ids)
             out.write((full[len(printer.shown):] if full.startswith(printer.shown) else "") + "\n")
             out.flush()
-        answer = E.decode_answer(new, self.tok, self.stops)
+        answer = data.decode_answer(new, self.tok, self.stops)
         body = new[:-1] if new and new[-1] in self.stops else new
         self.ids = ids + body + data.answer_end_ids(self.tok, self.policy.template)
         self.turns.append((question, answer))

@@ -368,11 +368,11 @@ def part_base(ckpt: Path, part: str) -> Path | None:
         return None
     base = checkpoint.load_hf_config(ckpt).get("base") or {}
     if base.get("init"):
-        parent = model._resolve(ckpt, base["init"])
+        parent = model.resolve_path(ckpt, base["init"])
         if (checkpoint.load_hf_config(parent).get("lora") or {}).get(part):
             return None
         return part_base(parent, part)
-    folder = model._resolve(ckpt, base[part]).resolve() if base.get(part) else None
+    folder = model.resolve_path(ckpt, base[part]).resolve() if base.get(part) else None
     is_hf = folder is not None and (folder / "config.json").is_file() and \
         checkpoint.load_hf_config(folder).get("model_type") in HF_MODEL_TYPES[part]
     return folder if is_hf else None

@@ -451,6 +451,12 @@ def stop_ids(tokenizer: Tokenizer, eos_token_id) -> list[int]:
     return list(dict.fromkeys(tokenizer.stop_ids + eos))
 
 
+def decode_answer(row: list[int], tokenizer: Tokenizer, stops) -> str:
+    """Generated tokens up to the first stop token, as text: what an answer is (eval, chat, train's eval hook)."""
+    cut = next((k for k, t in enumerate(row) if t in stops), len(row))
+    return tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
+
+
 # ----------------------------------------------------------------------------------------------
 # Templates and label masking
 

@@ -688,12 +688,6 @@ def _collate(batch, pad_id):
     return out
 
 
-def decode_answer(row: list[int], tok, stops) -> str:
-    """New tokens up to the first stop token, as text."""
-    cut = next((k for k, t in enumerate(row) if t in stops), len(row))
-    return tok.decode(row[:cut], skip_special_tokens=True).strip()
-
-
 @torch.no_grad()
 def generate_answers(m, tok, examples: list[Example], *, template="llama3", system="",
                      batch_size=16, max_new_tokens=64, pad_to_square=True, norm=(data.CLIP_MEAN, data.CLIP_STD),
@@ -730,7 +724,7 @@ def generate_answers(m, tok, examples: list[Example], *, template="llama3", syst
                              repetition_penalty=repetition_penalty, stop_token_ids=stops,
                              pad_token_id=tok.pad_id, generator=gen)
             for qid, row in zip(batch["ids"], out.tolist()):
-                answers[qid] = decode_answer(row, tok, stops)
+                answers[qid] = data.decode_answer(row, tok, stops)
         bar.update(len(batch["ids"]) + len(batch["skipped_ids"]))  # tqdm shows samples/s
     bar.close()
     return answers, skipped, time.perf_counter() - t0
@@ -773,7 +767,7 @@ def ask(m, tok, question: str, image=None, *, template="llama3", system="", pad_
     printer = TokenPrinter(tok, stops) if stream else None
     out = m.generate(ids, pix, None, max_new_tokens, stop_token_ids=stops, pad_token_id=tok.pad_id,
                      streamer=printer, **sampling)
-    answer = decode_answer(out[0].tolist(), tok, stops)
+    answer = data.decode_answer(out[0].tolist(), tok, stops)
     if stream:  # whatever the stream held back (an incomplete character at the end), then a newline
         full = tok.decode(printer.ids)
         sys.stdout.write((full[len(printer.shown):] if full.startswith(printer.shown) else "") + "\n")

@@ -450,16 +450,16 @@ def _load_ours(path: Path, dtype, merge_lora: bool) -> DoctorSun:
     cfg = ModelConfig.from_dict(cfg_json["model"])
     base = cfg_json.get("base") or {}
     if base.get("init"):
-        m = _load_ours(_resolve(path, base["init"]), dtype, merge_lora=True)
+        m = _load_ours(resolve_path(path, base["init"]), dtype, merge_lora=True)
         if m.config.to_dict() != cfg.to_dict():
             raise ValueError(f"{path}: model config differs from its parent {base['init']}")
     else:  # the frozen parts from their HF folders, the rest from this folder
         vision = llm = None
         if base.get("vision"):
-            vision = load_vision(_resolve(path, base["vision"]), dtype, select_layer=cfg.vision.select_layer,
+            vision = load_vision(resolve_path(path, base["vision"]), dtype, select_layer=cfg.vision.select_layer,
                                  select_feature=cfg.vision.select_feature)
         if base.get("llm"):
-            llm = load_llm(_resolve(path, base["llm"]), dtype)
+            llm = load_llm(resolve_path(path, base["llm"]), dtype)
         with torch.device("meta"):
             m = DoctorSun(cfg, vision=vision, llm=llm)
     for part, lcfg in (cfg_json.get("lora") or {}).items():
@@ -477,7 +477,7 @@ def _load_ours(path: Path, dtype, merge_lora: bool) -> DoctorSun:
     return m
 
 
-def _resolve(ckpt: Path, ref: str) -> Path:
+def resolve_path(ckpt: Path, ref: str) -> Path:
     """Base paths are stored as given; relative ones are tried against the checkpoint's folder."""
     p = Path(ref)
     if p.exists() or p.is_absolute():

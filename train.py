@@ -1149,7 +1149,7 @@ def eval_loss(t: Trainer) -> dict:
 @torch.no_grad()
 def eval_answers(t: Trainer) -> list[dict]:
     """Greedy answers to the fixed questions, micro-batch by micro-batch (left-padded), cut at the
-    first stop token as eval.py cuts them. Every rank answers them all: under ZeRO-3 each decoding
+    first stop token (data.decode_answer). Every rank answers them all: under ZeRO-3 each decoding
     step gathers weights from every rank, so there all decode the full length (no early stop)."""
     m, dev, tok = t.model, t.device, t.dataset.tokenizer
     dtype = m.llm.embed_tokens.weight.dtype
@@ -1162,9 +1162,8 @@ def eval_answers(t: Trainer) -> list[dict]:
                          b["attention_mask"].to(dev), t.run.eval_max_new_tokens,
                          stop_token_ids=[] if t.zero3 else stops, pad_token_id=tok.pad_id)
         for q, row in zip(qs[i:i + t.run.micro_batch], new.tolist()):
-            cut = next((k for k, x in enumerate(row) if x in stops), len(row))
             out.append({"id": q["id"], "question": q["question"], "image": q["image"], "reference": q["reference"],
-                        "answer": tok.decode(row[:cut], skip_special_tokens=True).strip()})
+                        "answer": data.decode_answer(row, tok, stops)})
     return out
 
 

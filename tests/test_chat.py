@@ -108,7 +108,7 @@ def test_second_turn_reuses_the_cache_exactly(tiny):
     body1 = out1[:-1] if out1[-1] in stops else out1
     full2 = p1 + body1 + end + user2
     out2 = m.generate(torch.tensor([full2]), pix, max_new_tokens=N_NEW, stop_token_ids=stops)[0].tolist()
-    assert a2 == E.decode_answer(out2, tok, stops)
+    assert a2 == data.decode_answer(out2, tok, stops)
     assert c.session.ids[:len(full2)] == full2  # the cache holds exactly that prompt
     assert len(set(out2) - set(out1)) > 0 and a1 != a2  # the answers differ: the comparison means something
     # Reuse: turn 1 encodes the image and prefills its prompt; turn 2 prefills only its new tokens.

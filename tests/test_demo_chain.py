@@ -109,7 +109,7 @@ def test_transformers_gives_the_same_answers(chain):
                                        return_tensors="pt")
         with torch.no_grad():
             out = hf.generate(**enc, max_new_tokens=64, do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_id)
-        answer = ev.decode_answer(out[0, enc["input_ids"].shape[1]:].tolist(), tok, stops)
+        answer = data.decode_answer(out[0, enc["input_ids"].shape[1]:].tolist(), tok, stops)
         if answer != ours[ex.id]["prediction"]:
             differ.append((ex.id, answer, ours[ex.id]["prediction"]))
     print(f"transformers {transformers.__version__}: {len(examples) - len(differ)}/{len(examples)} answers identical")
