@@ -23,7 +23,8 @@ DeepSpeed compiles no optimizer op; batch sizes and clipping come from the comma
 Several machines: the same command on each (`torchrun --nnodes N --node_rank R --master_addr ...`,
 or `deepspeed --hostfile`), with --out on a filesystem they share (checked before training).
 Each step's --global-batch samples are chosen before they are split over processes, so any
-number of processes trains the same model, and a ZeRO-0 run resumes on another number.
+number of processes trains the same model, and a run resumes on another number (ZeRO-1/2/3
+through DeepSpeed's universal checkpoint).
 
 The loss (torchtitan's rule): the summed cross-entropy over supervised tokens divided by the
 number of supervised tokens of the whole global batch (every micro-batch of the step on every
@@ -53,7 +54,9 @@ import argparse
 import base64
 import collections
 import functools
+import contextlib
 import gc
+import io
 import json
 import math
 import os
@@ -726,7 +729,11 @@ def save(t: Trainer, step: int, micro_done: int, tag: str) -> Path:
     torch.distributed.barrier()
     sd = gather_weights(t.model, weights_to_save(t.model, t.base, run.save_full), t.zero3)
     # Frozen weights come back from the rebuilt model; saving them again would double the size.
-    t.engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False, exclude_frozen_parameters=True)
+    # The version mark DeepSpeed's converter requires before it re-partitions a checkpoint (to_universal).
+    from deepspeed.checkpoint import constants as dsc
+    universal = {dsc.UNIVERSAL_CHECKPOINT_INFO: {dsc.UNIVERSAL_CHECKPOINT_VERSION_KEY: dsc.UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    t.engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False, exclude_frozen_parameters=True,
+                             client_state=universal)
     (tmp / "rng").mkdir(exist_ok=True)
     (tmp / "rng" / f"rank{rank}.json").write_text(json.dumps(rng_state()))
     torch.distributed.barrier()
@@ -760,36 +767,70 @@ def replace_folder(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def resume(t: Trainer) -> tuple[int, int]:
-    """(step, micro-batches done per rank: step x accumulation) of the newest complete checkpoint in
-    --out, with the engine and every RNG restored, so the run continues exactly; (0, 0) if there is none."""
-    run, out = t.run, Path(t.run.out)
+def find_resume(run: RunConfig, rank: int) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint in --out and its trainer_state.json, or None."""
+    out = Path(run.out)
     ckpt = latest_checkpoint(out) if out.is_dir() else None
     if ckpt is None:
-        if t.rank == 0:
+        if rank == 0:
             print(f"resume: no complete checkpoint in {out}; starting from the beginning")
-        return 0, 0
-    st = json.loads((ckpt / "trainer_state.json").read_text())
+        return None
+    return ckpt, json.loads((ckpt / "trainer_state.json").read_text())
+
+
+def needs_universal(found: tuple[Path, dict] | None, world: int, zero: int) -> bool:
+    """ZeRO-1/2/3 save one optimizer partition per rank (ZeRO-3 the weights too), and DeepSpeed
+    loads partitions only on the number of processes that wrote them. On another number the
+    checkpoint goes through DeepSpeed's universal format (one file per parameter and state)."""
+    return found is not None and found[1]["world_size"] != world and zero > 0
+
+
+def resume(t: Trainer, found: tuple[Path, dict]) -> tuple[int, int]:
+    """(step, micro-batches done per rank: step x accumulation) of checkpoint `found`, with the
+    engine and every RNG restored, so the run continues exactly."""
+    ckpt, st = found
     check_resumable(st, ckpt, t)
+    load_dir = ckpt
+    if t.engine.load_universal_checkpoint():
+        load_dir = to_universal(ckpt, t.rank)
     # Not strict: the checkpoint holds only the trained parameters (exclude_frozen_parameters).
-    path, _ = t.engine.load_checkpoint(str(ckpt), tag="deepspeed", load_module_strict=False)
+    path, _ = t.engine.load_checkpoint(str(load_dir), tag="deepspeed", load_module_strict=False)
     if path is None:
-        raise SystemExit(f"resume: DeepSpeed could not load {ckpt / 'deepspeed'}")
+        raise SystemExit(f"resume: DeepSpeed could not load {load_dir / 'deepspeed'}")
+    torch.distributed.barrier()
+    if load_dir != ckpt and t.rank == 0:
+        shutil.rmtree(load_dir)
     # On another number of processes rank r takes up rank r % old's generators: the data continues
     # exactly, random draws (LoRA dropout) cannot match a run of another size anyway.
     set_rng_state(json.loads((ckpt / "rng" / f"rank{t.rank % st['world_size']}.json").read_text()))
     if t.rank == 0:
-        print(f"resume: continuing from {ckpt} (step {st['step']}, {st['step'] * run.global_batch} samples done, "
-              f"written by {st['world_size']} processes, now {t.world})")
+        print(f"resume: continuing from {ckpt} (step {st['step']}, {st['step'] * t.run.global_batch} samples done, "
+              f"written by {st['world_size']} processes, now {t.world}"
+              + (", through a universal checkpoint)" if load_dir != ckpt else ")"))
     return st["step"], st["step"] * t.gas
+
+
+def to_universal(ckpt: Path, rank: int) -> Path:
+    """DeepSpeed's own converter (deepspeed/checkpoint/ds_to_universal.py) merges the per-rank
+    partitions of ckpt/deepspeed into out/.universal-<name>/deepspeed; every rank then loads its
+    new partition from there. Rank 0 converts (on the shared --out), the others wait."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    dst = ckpt.parent / f".universal-{ckpt.name}"
+    if rank == 0:
+        shutil.rmtree(dst, ignore_errors=True)
+        args = argparse.Namespace(input_folder=str(ckpt / "deepspeed"), output_folder=str(dst / "deepspeed"),
+                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                  strict=True, inject_missing_state=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress bars, not ours
+            ds_to_universal.main(args)
+    torch.distributed.barrier()
+    return dst
 
 
 def check_resumable(st: dict, ckpt: Path, t: Trainer) -> None:
     """Refuse a checkpoint that would not continue this run. The sample order depends on (seed,
-    stage, --global-batch) only, so the number of processes may change where DeepSpeed's state does
-    not depend on it: ZeRO-0 keeps the whole optimizer state in one file. ZeRO-1/2/3 save one
-    optimizer partition per rank (ZeRO-3 the weights too), and DeepSpeed 0.19.8's load_checkpoint
-    refuses another data-parallel size; that needs DeepSpeed's universal checkpoint."""
+    stage, --global-batch) only, so the number of processes may change (needs_universal)."""
     run, zero = t.run, t.engine.zero_optimization_stage()
     # Checkpoints written before these fields were recorded: assume this run's.
     saved = {"seed": st["seed"], "stage": st["stage"], "global batch": st.get("global_batch", run.global_batch),
@@ -798,23 +839,20 @@ def check_resumable(st: dict, ckpt: Path, t: Trainer) -> None:
     if saved != now:
         raise SystemExit(f"resume: {ckpt} was written by a run with " + ", ".join(f"{k} {v}" for k, v in saved.items())
                          + "; this run has " + ", ".join(f"{k} {v}" for k, v in now.items()))
-    if st["world_size"] != t.world and zero > 0:
-        raise SystemExit(f"resume: {ckpt} holds ZeRO-{zero} state partitioned over {st['world_size']} processes "
-                         f"and this run has {t.world}; DeepSpeed loads it only on the same number (resume with "
-                         f"{st['world_size']} processes, or convert it with deepspeed/checkpoint/ds_to_universal.py "
-                         f"into a universal checkpoint, which train.py does not read). ZeRO-0 checkpoints resume "
-                         f"on any number of processes.")
 
 
 # ---- training -----------------------------------------------------------------------------------
 
-def setup(run: RunConfig, rank: int, world: int, device) -> Trainer:
-    """Model, data, optimizer and DeepSpeed engine for one stage, built alike on every rank."""
+def setup(run: RunConfig, rank: int, world: int, device, found: tuple[Path, dict] | None = None) -> Trainer:
+    """Model, data, optimizer and DeepSpeed engine for one stage, built alike on every rank;
+    `found` is the checkpoint it will resume from (DeepSpeed must know if that is a universal one)."""
     import deepspeed
 
     if run.init and rank == 0:
         print(f"starting from {run.init}")
     dsc = ds_config(run, world)
+    if needs_universal(found, world, zero_stage(dsc)):
+        dsc["checkpoint"] = {**dsc.get("checkpoint", {}), "load_universal": True}
     dtype = torch.bfloat16 if bf16(dsc) else torch.float32
     m = build_model(run, model_config(run), dtype)
     lora_configs = apply_stage(m, run)
@@ -842,8 +880,9 @@ def setup(run: RunConfig, rank: int, world: int, device) -> Trainer:
 def train_stage(run: RunConfig, rank: int, world: int, device) -> dict:
     """One stage, start to finish: setup, resume, the step loop, the final checkpoint, the summary."""
     check_shared_out(Path(run.out), rank, world)
-    t = setup(run, rank, world, device)
-    step, micro_done = resume(t) if run.resume else (0, 0)
+    found = find_resume(run, rank) if run.resume else None
+    t = setup(run, rank, world, device, found)
+    step, micro_done = resume(t, found) if found else (0, 0)
     out = Path(run.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
