@@ -14,6 +14,7 @@ Peak memory is the size of the loaded model, not twice it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterator
@@ -196,3 +197,43 @@ def save_state(state_dict: dict[str, torch.Tensor], folder: str | Path, *,
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return files
+
+
+# ---- fingerprints -------------------------------------------------------------------------------
+# A training checkpoint that stores only what it trained re-reads the frozen rest from its base
+# folders. It records their sha256, and loading refuses a base that changed since (re-trained,
+# replaced), instead of silently combining new frozen weights with old trained ones.
+
+FINGERPRINTED = (".safetensors", ".bin", ".pth", ".pt")  # weights; plus config.json / params.json
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(path: str | Path) -> dict[str, str]:
+    """sha256 of the files a loader reads from `path`: its weights and configs (a file: itself)."""
+    path = Path(path)
+    if path.is_file():
+        return {path.name: sha256(path)}
+    return {f.name: sha256(f) for f in sorted(path.iterdir())
+            if f.is_file() and (f.suffix in FINGERPRINTED or f.name in ("config.json", "params.json"))}
+
+
+def check_fingerprint(path: str | Path, recorded: dict[str, str], user: str | Path) -> None:
+    """Raise, naming the file, if `path` no longer holds what `user` recorded of it."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{user} re-reads its frozen weights from {path}, which no longer exists; "
+                              f"load a self-contained checkpoint (a run's final) instead")
+    now = fingerprint(path)
+    for name, h in recorded.items():
+        if now.get(name) != h:
+            what = "is missing" if name not in now else "changed (sha256 differs)"
+            raise CheckpointError(f"{user} re-reads its frozen weights from {path}, but {name} there {what} "
+                                  f"since the checkpoint was written (re-trained or replaced?); load a "
+                                  f"self-contained checkpoint (a run's final) instead")

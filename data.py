@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import shutil
 import posixpath
 import random
 import re
@@ -438,6 +439,19 @@ class Tokenizer:
         return "".join(out) + self._sp.decode(run)
 
 
+# What Tokenizer reads from a folder: a checkpoint that must load on its own carries a copy of these.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+def copy_tokenizer(src, dst) -> None:
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, dst / name)
+
+
 def load_tokenizer(folder) -> Tokenizer:
     """A model folder with tokenizer.json (+ tokenizer_config.json / special_tokens_map.json /
     generation_config.json, all optional) or tokenizer.model."""
@@ -712,8 +726,8 @@ def tokenizer_folder(model_dir, override=None) -> Path:
         cfg = load_hf_config(folder)
         for ref in (cfg.get("tokenizer"), (cfg.get("train") or {}).get("tokenizer")):
             if ref:
-                p = Path(ref)
-                return p if p.exists() or p.is_absolute() else folder / p
+                p = Path(ref)  # a relative one: inside the checkpoint (a copy it carries), else as given
+                return folder / p if not p.is_absolute() and (folder / p).exists() else p
         parent = (cfg.get("base") or {}).get("init")
         if not parent:
             return Path(model_dir)

@@ -440,7 +440,7 @@ def save_pretrained(m: DoctorSun, folder: str | Path, *, state_dict: dict | None
         sd.pop("llm.lm_head.weight", None)  # saved once, as the embedding
     cfg = {"format": FORMAT, "model": m.config.to_dict(),
            "lora": {k: (asdict(v) if v is not None else None) for k, v in (lora_configs or {}).items()},
-           "base": base or {}, **(extra or {})}
+           "base": base or {}, "weights": sorted(sd), **(extra or {})}
     checkpoint.save_state(sd, folder, max_shard_bytes=max_shard_bytes)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False, default=str))
 
@@ -449,6 +449,8 @@ def _load_ours(path: Path, dtype, merge_lora: bool) -> DoctorSun:
     cfg_json = checkpoint.load_hf_config(path)
     cfg = ModelConfig.from_dict(cfg_json["model"])
     base = cfg_json.get("base") or {}
+    for part, recorded in (base.get("sha256") or {}).items():
+        checkpoint.check_fingerprint(resolve_path(path, base[part]), recorded, path)
     if base.get("init"):
         m = _load_ours(resolve_path(path, base["init"]), dtype, merge_lora=True)
         if m.config.to_dict() != cfg.to_dict():
@@ -471,6 +473,10 @@ def _load_ours(path: Path, dtype, merge_lora: bool) -> DoctorSun:
     missing = [n for n in adapters if n not in loaded]
     if missing:
         raise checkpoint.CheckpointError(f"{path}: LoRA adapter weights missing: {missing[:5]}")
+    # config.json lists what was saved: a tensor gone from the file must not come from the base instead.
+    gone = sorted(set(cfg_json.get("weights", ())) - loaded)
+    if gone:
+        raise checkpoint.CheckpointError(f"{path}: config.json lists weights its safetensors files lack: {gone[:5]}")
     m = _finish(m)
     if merge_lora:
         lora.merge_and_unload(m)

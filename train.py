@@ -74,6 +74,7 @@ import checkpoint
 import data
 import lora
 import model
+import run_folder
 
 ROOT = Path(__file__).resolve().parent
 
@@ -171,6 +172,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--keep", type=int, default=2, help="step checkpoints kept (final is always kept)")
     g.add_argument("--save-full", action="store_true", help="save every weight, not only the trained ones")
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    g.add_argument("--overwrite", action="store_true",
+                   help="--out holds another run: move it aside to <out>.old-<time> and start again")
     g.add_argument("--report-to", default="none", choices=["none", "tensorboard"],
                    help="also log to TensorBoard (event files in <out>/tensorboard, beside metrics.jsonl)")
     g.add_argument("--peak-tflops", type=float, help="device peak for the MFU estimate (default: table/measured)")
@@ -220,6 +223,7 @@ class RunConfig:
     report_to: str                      # "none" or "tensorboard"
     save_full: bool
     resume: bool
+    overwrite: bool
     peak_tflops: float | None
     dry_run: bool
     demo: bool                          # the embedded demo: DEMO_HPARAMS instead of HPARAMS
@@ -276,7 +280,7 @@ def resolve_eval(args, demo_data: bool) -> dict:
 def find_parent(args) -> str | None:
     """The previous stage's output, where that stage writes it; an error if it is missing."""
     found = parent_checkpoint(args)
-    if found is None or is_complete(found):
+    if found is None or run_folder.verify(found, hashes=False) is None:
         return found and str(found)
     if not args.dry_run:  # a dry run describes the preset instead
         raise SystemExit(f"{found} does not exist: run `--stage {STAGES[args.stage]['parent']}` first, or pass "
@@ -309,7 +313,7 @@ def stage_chain(args: argparse.Namespace) -> list[RunConfig]:
 
 def needs_parent_run(args) -> bool:
     found = parent_checkpoint(args)
-    return found is not None and args.model_preset == "tiny" and not args.dry_run and not is_complete(found)
+    return found is not None and args.model_preset == "tiny" and not args.dry_run and run_folder.verify(found, hashes=False) is not None
 
 
 def is_demo(args, init: str | None) -> bool:
@@ -697,29 +701,12 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state(unb64(st["cuda"]))
 
 
-def is_complete(folder: Path) -> bool:
-    """trainer_state.json is written last and lists every file with its size."""
-    try:
-        st = json.loads((folder / "trainer_state.json").read_text())
-        return all((folder / f).is_file() and (folder / f).stat().st_size == n for f, n in st["files"].items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    found = []
-    for d in list(out.glob("step-*")) + [out / "final"]:
-        if d.is_dir():
-            if is_complete(d):
-                found.append((json.loads((d / "trainer_state.json").read_text())["step"], d.name == "final", d))
-            else:
-                print(f"resume: ignoring incomplete checkpoint {d}")
-    return max(found)[2] if found else None
-
-
 def save(t: Trainer, step: int, micro_done: int, tag: str) -> Path:
     """Write out/<tag> (every rank calls this): into out/.tmp-<tag> first, then renamed, so a
-    folder with that name is always whole."""
+    folder with that name is always whole. `final` holds every weight, so it loads on its own
+    wherever it is copied; a step checkpoint holds the trained weights and re-reads the frozen ones
+    from its base folders, whose sha256 it records (model.from_pretrained and --resume refuse a
+    changed base)."""
     run, rank = t.run, t.rank
     out = Path(run.out)
     tmp, final = out / f".tmp-{tag}", out / tag
@@ -727,55 +714,81 @@ def save(t: Trainer, step: int, micro_done: int, tag: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
-    sd = gather_weights(t.model, weights_to_save(t.model, t.base, run.save_full), t.zero3)
+    full = tag == "final" or run.save_full
+    sd = gather_weights(t.model, weights_to_save(t.model, t.base, full), t.zero3)
+    try:
+        write_checkpoint(t, tmp, sd, full)
+        hashes = hash_files(tmp, rank, t.world)
+    except (OSError, RuntimeError) as e:  # disk full: torch.save says only "iostream error"
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(out).free / 2**20
+        raise SystemExit(f"writing checkpoint {tmp} failed on rank {rank} ({str(e).splitlines()[0][:200]}); "
+                         f"{free:,.0f} MiB free on that filesystem. The previous checkpoints are untouched.")
+    if rank == 0:
+        state = {"step": step, "micro_batches": micro_done, "world_size": t.world, "seed": run.seed,
+                 "stage": run.stage, "global_batch": run.global_batch,
+                 "zero_stage": t.engine.zero_optimization_stage(), "total_steps": t.total_steps,
+                 "base_sha256": t.base["sha256"]}
+        run_folder.record(tmp, hashes, state)
+        run_folder.replace_folder(tmp, final)
+        run_folder.rotate(out, run.keep)
+    torch.distributed.barrier()
+    return final
+
+
+def write_checkpoint(t: Trainer, tmp: Path, sd: dict, full: bool) -> None:
+    """Our model format (rank 0), DeepSpeed's engine state and every rank's RNG into `tmp`."""
+    run = t.run
     # Frozen weights come back from the rebuilt model; saving them again would double the size.
-    # The version mark DeepSpeed's converter requires before it re-partitions a checkpoint (to_universal).
+    # The version mark is what DeepSpeed's converter requires to re-partition a checkpoint (to_universal).
     from deepspeed.checkpoint import constants as dsc
     universal = {dsc.UNIVERSAL_CHECKPOINT_INFO: {dsc.UNIVERSAL_CHECKPOINT_VERSION_KEY: dsc.UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
     t.engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False, exclude_frozen_parameters=True,
                              client_state=universal)
     (tmp / "rng").mkdir(exist_ok=True)
-    (tmp / "rng" / f"rank{rank}.json").write_text(json.dumps(rng_state()))
+    (tmp / "rng" / f"rank{t.rank}.json").write_text(json.dumps(rng_state()))
     torch.distributed.barrier()
-    if rank == 0:
+    if t.rank == 0:
         policy = data.PromptPolicy(run.template, "", STAGES[run.stage]["pad_to_square"])  # no system prompt
-        model.save_pretrained(t.model, tmp, state_dict=sd, base=t.base, lora_configs=t.lora,
-                              extra={"stage": run.stage, "tokenizer": run.tokenizer, "train": asdict(run),
+        tokenizer = run.tokenizer
+        if full:  # self-contained: its tokenizer too
+            data.copy_tokenizer(run.tokenizer, tmp / "tokenizer")
+            tokenizer = "tokenizer"
+        model.save_pretrained(t.model, tmp, state_dict=sd, base={} if full else t.base, lora_configs=t.lora,
+                              extra={"stage": run.stage, "tokenizer": tokenizer, "train": asdict(run),
                                      data.POLICY_KEY: policy.to_dict()})
-        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        state = {"step": step, "micro_batches": micro_done, "world_size": t.world, "seed": run.seed,
-                 "stage": run.stage, "global_batch": run.global_batch,
-                 "zero_stage": t.engine.zero_optimization_stage(), "total_steps": t.total_steps, "files": files}
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        replace_folder(tmp, final)
-        steps = sorted(out.glob("step-*"))
-        for d in steps[:max(0, len(steps) - run.keep)]:
-            shutil.rmtree(d)
-    torch.distributed.barrier()
-    return final
 
 
-def replace_folder(tmp: Path, final: Path) -> None:
-    """Rename tmp to final; a rerun's old final is swapped out first, then deleted."""
-    if final.exists():
-        old = final.parent / f".old-{final.name}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
+def hash_files(folder: Path, rank: int, world: int) -> dict[str, str]:
+    """sha256 of every file in `folder`, the work shared between ranks (file i on rank i % world):
+    an 8B checkpoint with its optimizer state is ~100 GB, minutes for one process to hash."""
+    torch.distributed.barrier()  # every rank's files are written
+    names = [run_folder.files_of(folder)]  # rank 0's listing, so all ranks split the same list
+    torch.distributed.broadcast_object_list(names, src=0)
+    names = names[0]
+    mine = {n: run_folder.sha256(folder / n) for i, n in enumerate(names) if i % world == rank}
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, mine)
+    return {k: v for p in parts for k, v in p.items()}
 
 
-def find_resume(run: RunConfig, rank: int) -> tuple[Path, dict] | None:
-    """The newest complete checkpoint in --out and its trainer_state.json, or None."""
-    out = Path(run.out)
-    ckpt = latest_checkpoint(out) if out.is_dir() else None
-    if ckpt is None:
-        if rank == 0:
-            print(f"resume: no complete checkpoint in {out}; starting from the beginning")
-        return None
-    return ckpt, json.loads((ckpt / "trainer_state.json").read_text())
+def find_resume(run: RunConfig, rank: int, world: int) -> tuple[Path, dict] | None:
+    """The newest checkpoint in --out whose files all match their recorded sha256, and its
+    trainer_state.json, or None. Rank 0 verifies (DeepSpeed's files are pickles: nothing is loaded
+    before this) and tells the others."""
+    found = [None]
+    if rank == 0:
+        found[0] = run_folder.newest_verified(Path(run.out))
+        if found[0] is None and [*Path(run.out).glob("step-*"), *Path(run.out).glob("final")]:
+            found[0] = (f"resume: no checkpoint in {run.out} verifies (reasons above), so nothing was loaded; "
+                        f"--overwrite moves the run aside and starts again")
+        elif found[0] is None:
+            print(f"resume: no complete checkpoint in {run.out}; starting from the beginning")
+    if world > 1:
+        torch.distributed.broadcast_object_list(found, src=0)
+    if isinstance(found[0], str):
+        raise SystemExit(found[0])
+    return found[0]
 
 
 def needs_universal(found: tuple[Path, dict] | None, world: int, zero: int) -> bool:
@@ -839,6 +852,22 @@ def check_resumable(st: dict, ckpt: Path, t: Trainer) -> None:
     if saved != now:
         raise SystemExit(f"resume: {ckpt} was written by a run with " + ", ".join(f"{k} {v}" for k, v in saved.items())
                          + "; this run has " + ", ".join(f"{k} {v}" for k, v in now.items()))
+    cfg = checkpoint.load_hf_config(ckpt)
+    changed = run_folder.changed_settings(cfg.get("train") or asdict(run), asdict(run), MAY_CHANGE_ON_RESUME)
+    if changed:
+        raise SystemExit(f"resume: {ckpt} was written with other settings ({'; '.join(changed)}); resume with "
+                         f"the same ones, or start a new run in another --out")
+    if st.get("base_sha256", t.base["sha256"]) != t.base["sha256"]:  # the frozen weights are not in the checkpoint
+        raise SystemExit(f"resume: the frozen weights this run starts from ({t.base['init'] or t.base['vision']}, "
+                         f"{t.base['llm']}) changed since {ckpt} was written (sha256 differs)")
+
+
+# Settings a resumed run may change: they decide how long it runs, how it saves and logs, and how a
+# step's global batch is cut into micro-batches (memory, not samples or math); and where things are
+# (a moved run; the frozen weights are compared by sha256 instead). Anything else is another run.
+MAY_CHANGE_ON_RESUME = {"max_steps", "save_every", "keep", "resume", "overwrite", "report_to", "workers",
+                        "peak_tflops", "eval_every", "eval_max_new_tokens", "micro_batch", "runs", "out",
+                        "init", "vision", "llm", "dry_run", "max_bad_fraction"}
 
 
 # ---- training -----------------------------------------------------------------------------------
@@ -873,14 +902,25 @@ def setup(run: RunConfig, rank: int, world: int, device, found: tuple[Path, dict
     engine, _, _, _ = deepspeed.initialize(model=m, optimizer=opt, lr_scheduler=sched, config=dsc)
     base = {"init": run.init, "vision": run.vision and str(Path(run.vision).resolve()),
             "llm": run.llm and str(Path(run.llm).resolve())}
+    base["sha256"] = base_fingerprint(base, rank, world)
     return Trainer(run, engine, m, ds, rank, world, device, gas, total_steps, zero_stage(dsc) == 3, base,
                    lora_configs, flops_model(m), peak_flops(device, dtype, run.peak_tflops), evals)
 
 
+def base_fingerprint(base: dict, rank: int, world: int) -> dict:
+    """sha256 of the folders the frozen weights come from (rank 0 hashes, the others are told):
+    a step checkpoint records it, and loading or resuming refuses a folder that changed since."""
+    fp = [{part: checkpoint.fingerprint(path) for part, path in base.items() if path} if rank == 0 else None]
+    if world > 1:
+        torch.distributed.broadcast_object_list(fp, src=0)
+    return fp[0]
+
+
 def train_stage(run: RunConfig, rank: int, world: int, device) -> dict:
     """One stage, start to finish: setup, resume, the step loop, the final checkpoint, the summary."""
+    lock = claim_out(run, rank, world)
     check_shared_out(Path(run.out), rank, world)
-    found = find_resume(run, rank) if run.resume else None
+    found = find_resume(run, rank, world) if run.resume else None
     t = setup(run, rank, world, device, found)
     step, micro_done = resume(t, found) if found else (0, 0)
     out = Path(run.out)
@@ -905,14 +945,29 @@ def train_stage(run: RunConfig, rank: int, world: int, device) -> dict:
               f"next: python eval.py --model {final}   |   python convert.py --to llava-hf {final} OUT")
     del t  # the engine, model and optimizer: free them before the next stage builds its own
     gc.collect()
+    if lock is not None:
+        lock.close()  # releases the flock: the next stage, or another run, may use --out
     return summary
+
+
+def claim_out(run: RunConfig, rank: int, world: int):
+    """Rank 0 locks --out for this run (run_folder.claim); every rank stops if it may not use it."""
+    lock, err = None, [None]
+    if rank == 0:
+        try:
+            lock = run_folder.claim(Path(run.out), resume=run.resume, overwrite=run.overwrite)
+        except SystemExit as e:
+            err[0] = str(e)
+    if world > 1:
+        torch.distributed.broadcast_object_list(err, src=0)
+    if err[0]:
+        raise SystemExit(err[0])
+    return lock
 
 
 def start_metrics(path: Path, step: int, rank: int) -> list[dict]:
     """metrics.jsonl restarted with the rows a resumed-from run logged up to `step` (rank 0)."""
-    history = []
-    if rank == 0 and path.exists() and step > 0:
-        history = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= step]
+    history = run_folder.read_metrics(path, step) if rank == 0 and step > 0 else []
     if rank == 0:
         path.write_text("".join(json.dumps(r) + "\n" for r in history))
     return history
@@ -978,7 +1033,8 @@ def gather_counts(counts: collections.Counter, world: int) -> dict:
 def report_interrupt(run: RunConfig, step: int, total_steps: int, history: list[dict]) -> None:
     """On Ctrl-C: the summary so far, and where --resume would continue from."""
     out = Path(run.out)
-    ckpt = latest_checkpoint(out)
+    last = run_folder.newest_verified(out)
+    ckpt = last and last[0]
     print(f"interrupted at step {step}/{total_steps}; " + (f"--resume continues from {ckpt}" if ckpt else
           "no checkpoint yet (--save-every N writes some)"))
     print("summary: " + json.dumps({"stage": run.stage, "steps": step, "interrupted": True,

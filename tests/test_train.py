@@ -17,11 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+import checkpoint
 import data
 import demo
 import model
+import run_folder
 import train
 from conftest import TINY_LLM, TINY_VISION
 
@@ -292,8 +294,10 @@ def test_stage_rules_exactly_the_intended_parameters_change(parts, chain):
     # Bad samples are skipped and counted by reason, in the metrics and the summary.
     assert metrics(chain / "pretrain")[-1]["skipped"] == {"missing_image": 1, "empty_answer": 1}
     cfg = json.loads((chain / "finetune/final/config.json").read_text())
-    assert cfg["stage"] == "finetune" and cfg["base"]["init"] == str(chain / "pretrain/final")
-    assert cfg["lora"]["vision"]["r"] == 4 and cfg["train"]["lr"] == 1e-3 and cfg["tokenizer"] == str(parts["tok"])
+    # A final checkpoint holds every weight and its tokenizer (base {}); the run records where it started.
+    assert cfg["stage"] == "finetune" and cfg["base"] == {} and cfg["train"]["init"] == str(chain / "pretrain/final")
+    assert cfg["lora"]["vision"]["r"] == 4 and cfg["train"]["lr"] == 1e-3 and cfg["tokenizer"] == "tokenizer"
+    assert cfg["train"]["tokenizer"] == str(parts["tok"])
 
 
 def test_pretrain_template_follows_the_seed_and_every_checkpoint_records_its_policy(parts, chain, tmp_path):
@@ -332,7 +336,9 @@ def test_train_reads_a_meta_native_llm_and_eval_its_tokenizer(parts, tmp_path, c
                                     "--max-steps": 1, "--out": tmp_path / "run"})
     run_train(args)
     final = tmp_path / "run" / "final"
-    assert data.tokenizer_folder(final) == meta.resolve()
+    # The final checkpoint carries a copy of the tokenizer it was trained with (it loads on its own).
+    assert data.tokenizer_folder(final) == final / "tokenizer"
+    assert (final / "tokenizer/tokenizer.model").read_bytes() == (meta / "tokenizer.model").read_bytes()
     text = "患者胸痛3小时，ECG: ST elevation."
     ours = data.load_tokenizer(data.tokenizer_folder(final)).encode(text)
     assert ours == meta_tokenizer.Tokenizer(meta / "tokenizer.model").encode(text, bos=False, eos=False)
@@ -390,9 +396,9 @@ def test_resume_matches_uninterrupted_and_skips_cut_checkpoints(parts, chain, tm
     f = cut / "step-000003/model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # killed mid-write
     shutil.copytree(cut / "step-000002", cut / ".tmp-step-000004")
-    assert not train.is_complete(cut / "step-000003") and train.is_complete(cut / "step-000002")
+    assert run_folder.verify(cut / "step-000003") and run_folder.verify(cut / "step-000002") is None
     out = run_train(args + ["--out", cut, "--resume"])
-    assert "ignoring incomplete checkpoint" in out and "step-000003" in out
+    assert "skipping" in out and "step-000003" in out
     assert "continuing from" in out and "step-000002" in out
     a, b = metrics(full), metrics(cut)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
@@ -402,6 +408,176 @@ def test_resume_matches_uninterrupted_and_skips_cut_checkpoints(parts, chain, tm
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+# ---- a run owns its --out; checkpoints you can trust and move -------------------------------------
+
+def run_fails(args, **kw) -> str:
+    p = subprocess.run([sys.executable, str(REPO / "train.py")] + [str(a) for a in args], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=600, **kw)
+    assert p.returncode != 0, p.stdout[-3000:]
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    return p.stdout + p.stderr
+
+
+@pytest.fixture(scope="module")
+def owned(parts, tmp_path_factory):
+    """A finished 3-step text run (step-2 checkpoint kept) from private copies of the HF folders."""
+    root = tmp_path_factory.mktemp("owned")
+    for part in ("clip", "llama"):
+        shutil.copytree(parts[part], root / part)
+    args = common(parts, "text", **{"--vision": root / "clip", "--llm": root / "llama", "--save-every": 2})
+    run_train(args + ["--out", root / "run"])
+    return {"root": root, "args": args, "run": root / "run"}
+
+
+def test_a_used_out_is_refused_unless_resume_or_overwrite(owned, tmp_path):
+    """Before: a second run in a finished run's --out had its new checkpoints rotated away by the old
+    names and a later --resume continued the old run's final. Now: refused, or moved aside."""
+    out = tmp_path / "run"
+    shutil.copytree(owned["run"], out)
+    before = sorted(p.name for p in out.iterdir())
+    msg = run_fails(owned["args"] + ["--out", out, "--lr", 1e-2])
+    assert f"--out {out} already holds a run" in msg and "--resume" in msg and "--overwrite" in msg
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing touched
+    run_train(owned["args"] + ["--out", out, "--lr", 1e-2, "--overwrite"])
+    aside = list(tmp_path.glob("run.old-*"))
+    assert len(aside) == 1 and (aside[0] / "final/model.safetensors").is_file()
+    assert metrics(aside[0]) == metrics(owned["run"])  # the old run, whole
+    new = json.loads((out / "final/config.json").read_text())["train"]
+    assert new["lr"] == 1e-2 and [r["step"] for r in metrics(out)] == [1, 2, 3]
+
+
+def test_two_runs_cannot_share_an_out(owned, tmp_path):
+    """A run holds an flock on <out>/.lock while it runs; a second one is refused, naming the holder.
+    The lock dies with its process (kill -9 included), so it never blocks a later --resume."""
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 4242 on testhost since 2026-12-02T05:00:00\n")
+        held.flush()
+        msg = run_fails(owned["args"] + ["--out", out])
+    assert f"--out {out} is in use by a running training (pid 4242 on testhost" in msg
+    run_train(owned["args"] + ["--out", out])  # released: it runs
+
+
+def test_resume_refuses_changed_settings_naming_each(owned, tmp_path):
+    """Before: --resume with another --lr/--max-length/--data was accepted, the new lr ignored but
+    recorded. Now each difference is named; --max-steps (allowed) extends the run."""
+    out = tmp_path / "run"
+    shutil.copytree(owned["run"], out)
+    msg = run_fails(owned["args"] + ["--out", out, "--resume", "--lr", 1e-2, "--max-length", 96])
+    assert "was written with other settings" in msg
+    assert "--lr: 0.001 -> 0.01" in msg and "--max-length: 128 -> 96" in msg
+    run_train(owned["args"] + ["--out", out, "--resume", "--max-steps", 4])
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+
+
+def _pickle_bomb(marker: Path) -> bytes:
+    import pickle
+
+    class Bomb:
+        def __reduce__(self):
+            return (Path.write_text, (marker, "unpickled"))
+    return pickle.dumps(Bomb())
+
+
+def test_resume_verifies_hashes_and_falls_back_never_unpickling_unverified(owned, tmp_path):
+    """Before: a same-size damaged newest checkpoint failed deep in torch.load (or loaded), a pickle
+    placed in a checkpoint was unpickled, and a cut last metrics line broke every later --resume.
+    Now the newest checkpoint that verifies is used, each skipped one named with its reason."""
+    out = tmp_path / "run"
+    shutil.copytree(owned["run"], out)
+    marker = tmp_path / "pwned"
+    # final: one byte flipped in DeepSpeed's state, same size
+    f = out / "final/deepspeed/mp_rank_00_model_states.pt"
+    b = bytearray(f.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    f.write_bytes(bytes(b))
+    # step-2: a pickle payload added where DeepSpeed globs its partition files
+    (out / "step-000002/deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(_pickle_bomb(marker))
+    msg = run_fails(owned["args"] + ["--out", out, "--resume"])  # nothing verifies: ...
+    assert f"skipping {out / 'final'}: deepspeed/mp_rank_00_model_states.pt is damaged or was changed" in msg
+    assert f"skipping {out / 'step-000002'}: files not written by the run" in msg
+    assert f"no checkpoint in {out} verifies" in msg and "--overwrite" in msg
+    assert not marker.exists()
+    # ... with the payload gone, step-2 verifies and the run continues from it, bitwise.
+    (out / "step-000002/deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    with open(out / "metrics.jsonl", "a") as m:
+        m.write('{"step": 4, "loss": 1.2')  # a kill mid-line
+    got = run_train(owned["args"] + ["--out", out, "--resume"])
+    assert "continuing from" in got and "step-000002" in got and "cut short; dropped" in got
+    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(owned["run"])]
+    assert not marker.exists()
+
+
+def test_final_loads_on_its_own_and_a_step_checkpoint_refuses_a_changed_base(owned, tmp_path):
+    """Before: every checkpoint re-read frozen weights from its parent by absolute path, unverified
+    (re-training the parent changed what it loaded; moving runs/ broke it; a tensor missing from
+    the child came from the parent). Now final holds every weight and its tokenizer; a step
+    checkpoint records its base folders' sha256 and names a changed file or a missing tensor."""
+    ref = model.from_pretrained(owned["run"] / "final")
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(owned["run"] / "final", moved)
+    hidden = {p: tmp_path / p.name for p in (owned["run"], owned["root"] / "clip", owned["root"] / "llama")}
+    for a, b in hidden.items():  # as if deleted: the run, and the HF folders it started from
+        os.replace(a, b)
+    try:
+        m = model.from_pretrained(moved)
+        for k, v in ref.state_dict().items():
+            assert torch.equal(m.state_dict()[k], v), k
+        assert data.tokenizer_folder(moved) == moved / "tokenizer" and data.load_tokenizer(moved / "tokenizer")
+        with pytest.raises(checkpoint.CheckpointError, match="which no longer exists"):
+            model.from_pretrained(tmp_path / "run/step-000002")
+    finally:
+        for a, b in hidden.items():
+            os.replace(b, a)
+    # The base changes under a step checkpoint: one weight of the CLIP folder re-trained.
+    step = owned["run"] / "step-000002"
+    clip_dir = owned["root"] / "clip"
+    saved = (clip_dir / "model.safetensors").read_bytes()
+    try:
+        w = load_file(clip_dir / "model.safetensors")
+        k = next(iter(w))
+        w[k] = w[k] + 1
+        save_file(w, clip_dir / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(checkpoint.CheckpointError, match="model.safetensors there changed"):
+            model.from_pretrained(step)
+        r2 = tmp_path / "r2"
+        shutil.copytree(owned["run"], r2)
+        msg = run_fails(owned["args"] + ["--out", r2, "--resume"])  # the frozen ViT would differ
+        assert "the frozen weights this run starts from" in msg and "changed since" in msg
+    finally:
+        (clip_dir / "model.safetensors").write_bytes(saved)
+    model.from_pretrained(step)  # the same bytes again: loads
+    # A trained tensor gone from the step checkpoint's file is an error naming it, not the base's copy.
+    cut = tmp_path / "cut"
+    shutil.copytree(step, cut)
+    w = load_file(cut / "model.safetensors")
+    gone = next(k for k in w if k.startswith("llm.layers.0."))
+    del w[gone]
+    save_file(w, cut / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(checkpoint.CheckpointError, match=f"lack: \\['{gone}'\\]"):
+        model.from_pretrained(cut)
+
+
+def test_disk_full_during_save_is_one_clear_error(owned, tmp_path):
+    """Before: `basic_ios::clear: iostream error` from deep inside torch.save. Now: the folder, the
+    rank and the free space; the half-written folder is removed and earlier checkpoints stay."""
+    import resource
+    import signal
+
+    def small_disk():  # writes past 64 KiB fail with EFBIG, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    out = tmp_path / "run"
+    msg = run_fails(owned["args"] + ["--out", out], preexec_fn=small_disk)
+    assert f"writing checkpoint {out / '.tmp-step-000002'} failed on rank 0" in msg and "MiB free" in msg
+    assert not (out / ".tmp-step-000002").exists()
 
 
 # ---- loss normalisation -------------------------------------------------------------------------
