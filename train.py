@@ -33,10 +33,12 @@ loss_sum / global_count * world_size with `scale_wrt_gas=False`: DeepSpeed sums 
 micro-batches when not told to scale and averages them over ranks (checked in tests/test_train.py).
 
 Checkpoints (`out/step-000050`, `out/final`) are written to `out/.tmp-*` and renamed; each holds
-our model format (model.save_pretrained: the trained weights, plus every weight that cannot be
-re-created from a base path, with the resolved run config), DeepSpeed's engine state and
-trainer_state.json, written last, listing every file with its size. `--resume` takes the newest
-checkpoint whose files are all there, so a kill at any moment costs at most the steps since it.
+our model format (model.save_pretrained with the resolved run config: `final` every weight and the
+tokenizer, a step checkpoint the trained weights and the sha256 of the base folders it re-reads),
+DeepSpeed's engine state and trainer_state.json, written last, with every file's size and sha256.
+`--resume` takes the newest checkpoint that verifies, so a kill at any moment costs at most the steps
+since it. The run owns --out (run_folder.py): locked while it runs, and a folder holding another
+run is refused unless --resume continues it (same settings) or --overwrite moves it aside.
 
 Logging and evaluation: metrics.jsonl holds a row per step (loss, lr, grad norm, tokens/s, MFU) and,
 with --eval-data/--eval-questions, a row per evaluation (before the first step, every --eval-every
