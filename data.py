@@ -726,8 +726,8 @@ def tokenizer_folder(model_dir, override=None) -> Path:
         cfg = load_hf_config(folder)
         for ref in (cfg.get("tokenizer"), (cfg.get("train") or {}).get("tokenizer")):
             if ref:
-                p = Path(ref)  # a relative one: inside the checkpoint (a copy it carries), else as given
-                return folder / p if not p.is_absolute() and (folder / p).exists() else p
+                p = Path(ref)  # a relative one: inside the checkpoint (the copy a final carries)
+                return p if p.is_absolute() or (p.exists() and not (folder / p).exists()) else folder / p
         parent = (cfg.get("base") or {}).get("init")
         if not parent:
             return Path(model_dir)
