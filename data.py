@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import codecs
 import collections
 import collections.abc
 import functools
@@ -831,29 +832,41 @@ class _BadLine(str):
 def read_records(path, *, bad_lines: str = "keep", allow_object: bool = False) -> list | dict:
     """The records of a JSON document or of a JSON Lines file (.jsonl, one record per line).
 
-    Training data keeps a JSONL line that does not parse as a `_BadLine` (bad_lines="keep"): it is
-    then skipped and counted like any malformed record. Benchmarks must not lose questions quietly
-    (bad_lines="raise": ValueError naming file:line). A JSON document must be a list (LLaVA's
-    format) unless allow_object (PubMedQA's {PMID: record}). A leading byte-order mark is ignored."""
+    Training data keeps a JSONL line that does not parse (or is not UTF-8) as a `_BadLine`
+    (bad_lines="keep"): it is then skipped and counted like any malformed record. Benchmarks must
+    not lose questions quietly (bad_lines="raise": ValueError naming file:line). A JSON document must
+    be UTF-8 (else a ValueError naming file:line) and a list (LLaVA's format) unless allow_object
+    (PubMedQA's {PMID: record}). A leading byte-order mark is ignored."""
     if bad_lines not in ("keep", "raise"):
         raise ValueError(f"bad_lines must be 'keep' or 'raise', got {bad_lines!r}")
     path = os.fspath(path)
-    with open(path, encoding="utf-8-sig") as f:
+    with open(path, "rb") as f:  # bytes: a stray non-UTF-8 byte is reported with its line, not as a traceback
         if path.endswith(".jsonl"):
-            return [_parse_line(line, n, path, bad_lines) for n, line in enumerate(f, 1) if line.strip()]
-        try:
-            records = json.load(f)
-        except json.JSONDecodeError as e:
-            hint = " (one record per line? name it .jsonl)" if e.msg == "Extra data" else ""
-            raise ValueError(f"{path}: not valid JSON: {e}{hint}") from None
+            lines = (line.removeprefix(codecs.BOM_UTF8) if n == 1 else line for n, line in enumerate(f, 1))
+            return [_parse_line(line, n, path, bad_lines) for n, line in enumerate(lines, 1) if line.strip()]
+        raw = f.read().removeprefix(codecs.BOM_UTF8)
+    try:
+        records = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason}: byte {raw[e.start]:#04x} at offset "
+                         f"{e.start})") from None
+    except json.JSONDecodeError as e:
+        hint = " (one record per line? name it .jsonl)" if e.msg == "Extra data" else ""
+        raise ValueError(f"{path}: not valid JSON: {e}{hint}") from None
     if not isinstance(records, list) and not (allow_object and isinstance(records, dict)):
         raise ValueError(f"{path}: expected a JSON list of records (LLaVA format), got {type(records).__name__}")
     return records
 
 
-def _parse_line(line: str, n: int, path: str, bad_lines: str):
+def _parse_line(line: bytes, n: int, path: str, bad_lines: str):
     try:
-        return json.loads(line)
+        return json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        problem = f"not UTF-8 text ({e.reason}: byte {line[e.start]:#04x} at column {e.start + 1})"
+        if bad_lines == "raise":
+            raise ValueError(f"{path}:{n}: {problem}") from None
+        return _BadLine(f"line {n}: {problem}")
     except json.JSONDecodeError as e:
         if bad_lines == "raise":
             raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None

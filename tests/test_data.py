@@ -553,6 +553,23 @@ def test_malformed_files(tok3, tmp_path):
     assert text[2]["labels"].tolist() == [IGNORE_INDEX] + text[2]["input_ids"].tolist()[1:]
 
 
+def test_non_utf8_bytes_name_file_and_line(tok3, tmp_path):
+    """A byte that is not UTF-8: a JSON document is refused naming file and line; a JSONL line is one
+    malformed record (training) or an error naming file:line (benchmarks), like a line that does not parse."""
+    doc = tmp_path / "d.json"
+    doc.write_bytes(b'[{"id": 1,\n  "text": "ok"},\n {"id": 2, "text": "caf\xe9"}]')  # Latin-1 \xe9
+    with pytest.raises(ValueError, match=r"d\.json:3: not UTF-8 text .*byte 0xe9"):
+        data.read_records(doc)
+    lines = tmp_path / "d.jsonl"
+    lines.write_bytes(b'{"id": 1, "text": "ok"}\n{"id": 2, "text": "caf\xe9"}\n{"id": 3, "text": "fine"}\n')
+    ds = data.SupervisedDataset(str(lines), tok3, template="text", num_image_tokens=4)
+    assert "input_ids" in ds[0] and "input_ids" in ds[2]
+    assert ds[1] == {"id": f"{lines}#1", "skip": "malformed_record"}
+    assert "line 2: not UTF-8 text" in str(data.read_records(lines)[1])
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: not UTF-8 text"):
+        data.read_records(lines, bad_lines="raise")
+
+
 def test_read_records_for_benchmarks(tmp_path):
     """Benchmarks read strictly (a broken line is an error naming file:line), may hold one JSON
     object (PubMedQA), and may start with a byte-order mark."""
