@@ -24,6 +24,7 @@ import posixpath
 import random
 import re
 import sys
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +41,19 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's preprocessing s
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_FILL = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104): the mean colour, ~0 after normalising
 
+# Decoding limits, checked against an image's header before any pixel is decoded. A file's size says
+# nothing about its pixels: an 855-byte PNG can declare 100000 x 8 pixels (pad-to-square then makes a
+# 100000² canvas: 30 GB), and an 8 MB zip can hold an 8 GB member. Real inputs are far smaller: CT/MR
+# slices are 512², radiographs and mammograms up to ~5000 px a side (~28 MP), phone photos ~48 MP.
+MAX_IMAGE_SIDE = 12_000  # px; pad-to-square allocates side² x 3 bytes: at most 432 MB
+MAX_IMAGE_PIXELS = 64_000_000  # width x height: 192 MB as RGB (PIL's own bomb warning starts at 89 MP)
+MAX_IMAGE_BYTES = 512 * 2 ** 20  # a file or zip member read whole (DICOM, zip members), or a decoded DICOM volume
+
 
 class SampleError(ValueError):
     """A bad sample. `.reason` is a short stable key (skip counts are keyed by it); the message
-    says which sample and why. Reasons: missing_image, corrupt_image, unsafe_path, empty_answer,
-    multiple_images, image_without_token, token_without_image, too_long_no_labels,
+    says which sample and why. Reasons: missing_image, corrupt_image, image_too_large, unsafe_path,
+    empty_answer, multiple_images, image_without_token, token_without_image, too_long_no_labels,
     template_mismatch, malformed_record."""
 
     def __init__(self, reason: str, detail: str = ""):
@@ -80,7 +89,7 @@ def _first(v) -> float:
     return float(v)
 
 
-def _load_dicom(f) -> Image.Image:
+def _load_dicom(f, name: str) -> Image.Image:
     """DICOM -> RGB. Stored values are not intensities: the modality LUT (slope/intercept) gives
     physical units (Hounsfield units for CT), then a window maps a range of them to grey levels.
     Window: the file's own WindowCenter/Width, else CT soft tissue (40/400 HU), else the full range.
@@ -88,6 +97,7 @@ def _load_dicom(f) -> Image.Image:
     import pydicom  # only DICOM needs it
 
     ds = pydicom.dcmread(f)
+    _check_dicom_size(ds, name)
     x = ds.pixel_array  # raises if the transfer syntax needs a decoder that is not installed
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         x = x[x.shape[0] // 2]
@@ -112,6 +122,18 @@ def _load_dicom(f) -> Image.Image:
     return Image.fromarray(np.round(y * 255).astype(np.uint8), "L").convert("RGB")
 
 
+def _check_dicom_size(ds, name: str) -> None:
+    """The DICOM header's frame size, and the whole volume's, since pixel_array decodes every frame
+    (only the middle one is used)."""
+    tag = lambda key, default: int(ds.get(key, default) or default)  # noqa: E731
+    rows, cols, frames = tag("Rows", 0), tag("Columns", 0), tag("NumberOfFrames", 1)
+    check_image_size(cols, rows, name)
+    volume = frames * rows * cols * tag("SamplesPerPixel", 1) * -(-tag("BitsAllocated", 8) // 8)
+    if volume > MAX_IMAGE_BYTES:
+        raise SampleError("image_too_large", f"{name}: {frames} frames of {cols}x{rows} decode to {volume:,} bytes "
+                                             f"(limit data.MAX_IMAGE_BYTES = {MAX_IMAGE_BYTES:,})")
+
+
 def _is_dicom(src, name: str) -> bool:
     if name.lower().endswith((".dcm", ".dicom")):
         return True
@@ -125,25 +147,53 @@ def _is_dicom(src, name: str) -> bool:
     return head[128:132] == b"DICM"  # DICOM part 10: 128-byte preamble then the magic
 
 
+def check_image_size(width: int, height: int, name: str) -> None:
+    """Refuse an image whose decoded pixels would not fit the limits above (SampleError
+    "image_too_large"), from its header: before decoding, and before padding to a square."""
+    if max(width, height) > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
+        raise SampleError("image_too_large", f"{name} is {width}x{height} pixels (limits: data.MAX_IMAGE_SIDE = "
+                                             f"{MAX_IMAGE_SIDE} a side, data.MAX_IMAGE_PIXELS = "
+                                             f"{MAX_IMAGE_PIXELS:,} in all)")
+
+
+def _check_file_size(src, name: str) -> None:
+    if isinstance(src, (str, os.PathLike)):
+        size = os.path.getsize(src)  # FileNotFoundError: reported as missing_image
+    elif isinstance(src, io.BytesIO):
+        size = src.getbuffer().nbytes
+    else:
+        return
+    if size > MAX_IMAGE_BYTES:
+        raise SampleError("image_too_large", f"{name} is {size:,} bytes "
+                                             f"(limit data.MAX_IMAGE_BYTES = {MAX_IMAGE_BYTES:,})")
+
+
 def load_image(src, name: str | None = None) -> Image.Image:
     """An RGB PIL image from a path, bytes, or a binary file object (zip members; `name` is used
     for messages and the .dcm check). PNG/JPG/GIF/BMP/TIFF go through PIL, which picks the decoder
     from the content, not the extension: a GIF saved as .jpg loads (its first frame) like any GIF.
-    DICOM is recognised by extension or by its DICM magic. Failures raise SampleError
-    ("missing_image" / "corrupt_image") naming the file."""
+    DICOM is recognised by extension or by its DICM magic. The size the header declares is checked
+    against MAX_IMAGE_SIDE/MAX_IMAGE_PIXELS (and a file against MAX_IMAGE_BYTES) before decoding.
+    Failures raise SampleError ("missing_image" / "corrupt_image" / "image_too_large") naming the file."""
     name = name or (os.fspath(src) if isinstance(src, (str, os.PathLike)) else "<bytes>")
     if isinstance(src, (bytes, bytearray)):
         src = io.BytesIO(src)
     try:
+        _check_file_size(src, name)
         if _is_dicom(src, name):
-            return _load_dicom(src)
-        with Image.open(src) as img:
-            img.load()  # decode now: a truncated file fails here, not later inside a worker
-            return _to_rgb(img)
+            return _load_dicom(src, name)
+        with warnings.catch_warnings():  # PIL only warns between 89 and 179 MP: make that an error too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(src) as img:  # reads the header only
+                check_image_size(*img.size, name)
+                img.load()  # decode now: a truncated file fails here, not later inside a worker
+                return _to_rgb(img)
     except SampleError:
         raise
     except FileNotFoundError:
         raise SampleError("missing_image", f"{name} does not exist") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise SampleError("image_too_large", f"{name}: {e}") from None
     except Exception as e:  # PIL and pydicom raise OSError, ValueError, SyntaxError, EOFError, ...
         raise SampleError("corrupt_image", f"{name}: {type(e).__name__}: {e}") from None
 
@@ -151,6 +201,7 @@ def load_image(src, name: str | None = None) -> Image.Image:
 def expand2square(img: Image.Image, background=CLIP_FILL) -> Image.Image:
     """LLaVA's "pad" aspect mode: centre the image on a square canvas of the CLIP mean colour,
     so the centre crop that follows keeps the whole image."""
+    check_image_size(*img.size, "the image to pad")  # so the max(w, h)² canvas is at most MAX_IMAGE_SIDE²
     img = _to_rgb(img)
     w, h = img.size
     if w == h:
@@ -164,6 +215,7 @@ def preprocess_image(img: Image.Image, size: int = 336, pad_to_square: bool = Tr
                      mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """HF CLIPImageProcessor with PIL + numpy: shortest side -> `size` (PIL bicubic, long side
     floored like HF), centre crop, x/255, (x - mean) / std. Returns float32 (3, size, size)."""
+    check_image_size(*img.size, "the image")  # load_image checked it; an image made elsewhere may be larger
     img = expand2square(img) if pad_to_square else _to_rgb(img)
     w, h = img.size
     if w <= h:
@@ -181,21 +233,34 @@ def preprocess_image(img: Image.Image, size: int = 336, pad_to_square: bool = Tr
     return torch.from_numpy(x)
 
 
+def check_inside(path, root) -> None:
+    """Refuse (SampleError "unsafe_path") a file outside `root` once every symbolic link on its way
+    is followed: a link inside an image folder, or a path in a record, must not make training or
+    evaluation read files elsewhere on the machine. The file need not exist."""
+    real = Path(path).resolve()
+    if not real.is_relative_to(Path(root).resolve()):
+        raise SampleError("unsafe_path", f"{path} resolves to {real}, outside the image root {root} "
+                                         "(allowed by --allow-outside-image-root)")
+
+
 class ImageSource:
     """An image root: a folder, or a .zip archive read in place (the released archives hold
     hundreds of thousands of files; extracting them is not needed). A ZipFile handle keeps one
     file position, so a handle inherited through fork() and used by several DataLoader workers at
     once reads garbage: each process opens its own, lazily, checked by pid. An archive whose
     entries all sit in one top-level folder (`zip -r x.zip x/`) also finds paths relative to it.
-    Record paths that are absolute or climb out of the root (`../`) are refused."""
+    Record paths that are absolute or climb out of the root (`../`), and files that symbolic links
+    lead out of a folder root, are refused unless `allow_outside` (the user trusts the records).
+    A zip member is read whole, so its declared size is checked first (MAX_IMAGE_BYTES)."""
 
-    def __init__(self, root):
+    def __init__(self, root, allow_outside: bool = False):
         self.root = os.fspath(root)
         if not os.path.exists(self.root):
             raise FileNotFoundError(f"image root {self.root} does not exist")
         self.is_zip = os.path.isfile(self.root)
         if self.is_zip and not zipfile.is_zipfile(self.root):
             raise ValueError(f"image root {self.root} is a file but not a zip archive")
+        self.allow_outside = allow_outside
         self._zip, self._pid, self._prefix = None, None, ""
 
     def __getstate__(self):  # a worker started by spawn opens its own handle
@@ -212,9 +277,18 @@ class ImageSource:
     def _safe(self, relpath) -> str:
         p = str(relpath).replace("\\", "/")
         norm = posixpath.normpath(p)
-        if not p or p.startswith("/") or re.match(r"[A-Za-z]:", p) or norm == ".." or norm.startswith("../"):
-            raise SampleError("unsafe_path", f"image path {relpath!r} is absolute or leaves the image root {self.root}")
+        leaves = p.startswith("/") or re.match(r"[A-Za-z]:", p) or norm == ".." or norm.startswith("../")
+        if not p or (leaves and not self.allow_outside):
+            raise SampleError("unsafe_path", f"image path {relpath!r} is absolute or leaves the image root {self.root}"
+                                             " (allowed by --allow-outside-image-root)")
         return norm
+
+    def _file(self, relpath) -> str:
+        """A folder root's file for a record path: inside the root after following links."""
+        path = os.path.join(self.root, self._safe(relpath))
+        if not self.allow_outside:
+            check_inside(path, self.root)
+        return path
 
     def _member(self, path: str) -> str | None:
         zf = self._archive()
@@ -227,18 +301,22 @@ class ImageSource:
         return None
 
     def exists(self, relpath) -> bool:
-        path = self._safe(relpath)
-        return self._member(path) is not None if self.is_zip else os.path.isfile(os.path.join(self.root, path))
+        return self._member(self._safe(relpath)) is not None if self.is_zip else os.path.isfile(self._file(relpath))
 
     def open(self, relpath) -> Image.Image:
-        path = self._safe(relpath)
         if not self.is_zip:
-            return load_image(os.path.join(self.root, path))
+            return load_image(self._file(relpath))
+        path = self._safe(relpath)
         name = self._member(path)
         if name is None:
             raise SampleError("missing_image", f"{path} is not in {self.root}")
+        size = self._archive().getinfo(name).file_size  # what the archive's directory declares
+        if size > MAX_IMAGE_BYTES:
+            raise SampleError("image_too_large", f"{self.root}:{name} is {size:,} bytes uncompressed "
+                                                 f"(limit data.MAX_IMAGE_BYTES = {MAX_IMAGE_BYTES:,})")
         try:
-            raw = self._archive().read(name)
+            with self._archive().open(name) as f:
+                raw = f.read(size)  # read(n) inflates at most n bytes, even if the declared size lies
         except (zipfile.BadZipFile, OSError, EOFError) as e:  # CRC error, truncated archive
             raise SampleError("corrupt_image", f"{self.root}:{name}: {e}") from None
         return load_image(raw, name=f"{self.root}:{name}")
@@ -1152,12 +1230,13 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
 
 
 def check(data, images=None, tokenizer=None, *, template="llama3", system=None, max_length=None,
-          num_image_tokens: int = 576, decode_images: bool = True, out=sys.stdout) -> dict:
+          num_image_tokens: int = 576, decode_images: bool = True, allow_outside_image_root: bool = False,
+          out=sys.stdout) -> dict:
     """Validate one data file the way training would read it, without a model. Prints counts,
     every bad sample by id with its reason, reason counts, and (with a tokenizer) token-length
     percentiles and how many samples max_length would truncate. Returns the same as a dict."""
     records = read_records(data)
-    source = ImageSource(images) if images else None
+    source = ImageSource(images, allow_outside_image_root) if images else None
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     bad, lengths, n_image, truncated = [], [], 0, 0
     for r, rec in enumerate(records):
@@ -1217,9 +1296,12 @@ def main(argv=None) -> int:
     c.add_argument("--max-length", type=int, default=None)
     c.add_argument("--num-image-tokens", type=int, default=576)
     c.add_argument("--no-decode", action="store_true", help="only check that images exist (fast)")
+    c.add_argument("--allow-outside-image-root", action="store_true",
+                   help="accept absolute and ../ image paths, and links leading out of the image folder")
     a = ap.parse_args(argv)
     report = check(a.data, a.images, a.tokenizer, template=a.template, system=a.system, max_length=a.max_length,
-                   num_image_tokens=a.num_image_tokens, decode_images=not a.no_decode)
+                   num_image_tokens=a.num_image_tokens, decode_images=not a.no_decode,
+                   allow_outside_image_root=a.allow_outside_image_root)
     return 1 if report["bad"] else 0
 
 

@@ -283,6 +283,79 @@ def test_path_escape_refused(image_dir, tmp_path, path):
     assert data.ImageSource(image_dir).exists("sub/../ok.png")  # staying inside is fine
 
 
+def test_symlink_out_of_a_folder_root_refused_unless_allowed(image_dir, tmp_path):
+    """A link inside the image folder that leads out of it is followed only when the user allows it;
+    so are absolute and ../ paths. Links that stay inside are fine."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    shutil.copy(image_dir / "ok.png", outside / "secret.png")
+    shutil.copy(image_dir / "ok.png", root / "ok.png")
+    (root / "link.png").symlink_to(outside / "secret.png")
+    (root / "linked_dir").symlink_to(outside, target_is_directory=True)
+    (root / "inside.png").symlink_to(root / "ok.png")
+    src = data.ImageSource(root)
+    for rel in ("link.png", "linked_dir/secret.png"):
+        with pytest.raises(SampleError, match="outside the image root") as e:
+            src.open(rel)
+        assert e.value.reason == "unsafe_path" and str(outside / "secret.png") in str(e.value)
+        with pytest.raises(SampleError):
+            src.exists(rel)
+    assert src.open("inside.png").size == (64, 48)
+    trusting = data.ImageSource(root, allow_outside=True)
+    for rel in ("link.png", "linked_dir/secret.png", "../outside/secret.png", str(outside / "secret.png")):
+        assert trusting.open(rel).size == (64, 48)
+
+
+def tiny_png(w, h, mode="1") -> bytes:
+    """A PNG whose header declares w x h pixels, a few hundred bytes on disk (one colour compresses away)."""
+    buf = io.BytesIO()
+    Image.new(mode, (w, h)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_oversized_images_refused_from_the_header(image_dir, tmp_path, monkeypatch):
+    """An image's header is checked before any pixel is decoded: a 100000 x 8 PNG of ~1 KB (pad-to-square
+    would make a 100000² canvas, 30 GB), one past PIL's bomb warning (89 MP) but under its error; a zip
+    member whose declared size is past the limit is not read; `data.py check` reports each."""
+    root = tmp_path / "imgs"
+    root.mkdir()
+    (root / "wide.png").write_bytes(tiny_png(100_000, 8))
+    (root / "bomb.png").write_bytes(tiny_png(9_500, 9_500))  # 90 MP: PIL warns, we refuse
+    assert (root / "wide.png").stat().st_size < 5000
+    t0 = time.perf_counter()
+    for name in ("wide.png", "bomb.png"):
+        with pytest.raises(SampleError, match=name) as e:
+            data.load_image(root / name)
+        assert e.value.reason == "image_too_large", e.value
+    assert time.perf_counter() - t0 < 1.0  # nothing was decoded
+    with pytest.raises(SampleError) as e:  # an image made in memory is checked before padding
+        data.preprocess_image(Image.new("L", (data.MAX_IMAGE_SIDE + 1, 1)), 32)
+    assert e.value.reason == "image_too_large"
+
+    shutil.copy(image_dir / "ok.png", root / "ok.png")
+    (root / "zeros.png").write_bytes(bytes(3 * 2 ** 20))
+    archive = tmp_path / "big.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        z.write(root / "ok.png", "ok.png")
+        z.write(root / "zeros.png", "zeros.png")  # 3 MB of zeros: a few KB compressed
+    monkeypatch.setattr(data, "MAX_IMAGE_BYTES", 2 ** 20)
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda *a: pytest.fail("a member was read whole"))
+    src = data.ImageSource(archive)
+    assert src.open("ok.png").size == (64, 48)
+    with pytest.raises(SampleError, match="zeros.png is 3,145,728 bytes uncompressed") as e:
+        src.open("zeros.png")
+    assert e.value.reason == "image_too_large"
+    with pytest.raises(SampleError, match="3,145,728 bytes") as e:  # a file in a folder: the same limit
+        data.load_image(root / "zeros.png")
+    assert e.value.reason == "image_too_large"
+
+    records = [image_record(n, n) for n in ("ok.png", "wide.png", "bomb.png", "zeros.png")]
+    report = data.check(str(write_json(tmp_path / "d.json", records)), str(root), out=io.StringIO())
+    assert report["reasons"] == {"image_too_large": 3}
+    assert [sid for sid, _, _ in report["bad"]] == ["wide.png", "bomb.png", "zeros.png"]
+
+
 # ---------------------------------------------------------------------------------------------
 # tokenizers and templates
 
