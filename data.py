@@ -977,19 +977,44 @@ def _record_text(rec, template) -> tuple[bool, object]:
     return bool(rec.get("image")), rec["conversations"]
 
 
+def _check_text(rec, template) -> None:
+    """What a record's text alone shows is wrong (its structure, the conversation rules), with no
+    tokenizer and no image."""
+    _check_record(rec, template)
+    has_image, conv = _record_text(rec, template)
+    if not isinstance(conv, str):
+        _normalize(conv, has_image)
+    elif not conv.strip():
+        raise SampleError("empty_answer", "empty text")
+
+
+# Draws for one sample before training gives up (on_bad="replace"): the sample and 31 replacements. If
+# half of a modality's samples were bad, 31 bad replacements in a row would happen to one bad sample in
+# 2 billion; giving up means the data is mostly bad (a wrong image root, a --max-length no answer fits).
+MAX_DRAWS = 32
+
+
+class BadDataError(RuntimeError):
+    """Training cannot go on: a bad sample's replacements were all bad too."""
+
+
 class SupervisedDataset(torch.utils.data.Dataset):
     """Records from one or more sources (mixed by ratio) -> tokenised samples with labels.
 
     Loading only parses JSON; tokenising and image decoding happen per sample in __getitem__,
-    in DataLoader workers. A bad sample raises (on_bad="error") or comes back as
-    {"id", "skip": reason} (on_bad="skip"); collate drops and counts those, which keeps the counts
-    right across worker processes (a counter inside a worker would die with it)."""
+    in DataLoader workers. A bad sample raises (on_bad="error"), comes back as {"id", "skip": reason}
+    (on_bad="skip"; collate drops and counts those), or is replaced by another sample (on_bad="replace",
+    training: a step never comes out empty or short). Replacement leaves every bad sample it met in the
+    good sample's "skips" ({id, file, record, reason, detail, replaced_by}); collate gathers them.
+    Counts travel with the batches, so they stay right across worker processes (a counter inside a
+    worker would die with it)."""
 
     def __init__(self, sources, tokenizer: Tokenizer | None, *, template="llama3", system=None, num_image_tokens: int,
                  image_token_id: int = IMAGE_TOKEN_ID, max_length: int = 2048, image_size: int = 336,
-                 pad_to_square: bool = True, on_bad: str = "skip", seed: int = 0):
-        if on_bad not in ("skip", "error"):
-            raise ValueError(f"on_bad must be 'skip' or 'error', got {on_bad!r}")
+                 pad_to_square: bool = True, on_bad: str = "skip", seed: int = 0,
+                 allow_outside_image_root: bool = False):
+        if on_bad not in ("skip", "replace", "error"):
+            raise ValueError(f"on_bad must be 'skip', 'replace' or 'error', got {on_bad!r}")
         if system and not _template(template).system:
             raise ValueError(f"template {template!r} has no system prompt")
         if tokenizer is not None:  # None: only lengths / is_image are wanted (a dry run)
@@ -998,12 +1023,13 @@ class SupervisedDataset(torch.utils.data.Dataset):
             sources = parse_data_spec(sources)
         self.tokenizer, self.template, self.system = tokenizer, template, system
         self.num_image_tokens, self.image_token_id, self.max_length = num_image_tokens, image_token_id, max_length
-        self.image_size, self.pad_to_square, self.on_bad = image_size, pad_to_square, on_bad
+        self.image_size, self.pad_to_square, self.on_bad, self.seed = image_size, pad_to_square, on_bad, seed
         self.files, self.index = [], []  # files: (source, records, ImageSource|None); index: (file, record)
         rng = random.Random(seed)
         for f, src in enumerate(sources):
             records = read_records(src.path)
-            self.files.append((src, records, ImageSource(src.images) if src.images else None))
+            images = ImageSource(src.images, allow_outside_image_root) if src.images else None
+            self.files.append((src, records, images))
             n = len(records)
             k = round(n * src.ratio)
             picks = (list(range(n)) * (k // n) + sorted(rng.sample(range(n), k % n))) if n else []
@@ -1014,6 +1040,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                         _check_record(rec, template)
                     except SampleError as e:
                         raise self._named(e, rec, src, r) from None
+        self.dropped = self._drop_bad() if on_bad == "replace" else []  # skip rows of records dropped at load
 
     def __len__(self):
         return len(self.index)
@@ -1025,7 +1052,28 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def _named(self, e: SampleError, rec, src, r) -> SampleError:
         return SampleError(e.reason, f"sample id={self._sample_id(rec, src, r)!r} ({src.path}, record {r}): {e.detail}")
 
+    def _skip_row(self, f: int, r: int, e: SampleError) -> dict:
+        src, records, _ = self.files[f]
+        return {"id": self._sample_id(records[r], src, r), "file": src.path, "record": r, "reason": e.reason,
+                "detail": e.detail}
+
+    def _drop_bad(self) -> list[dict]:
+        """on_bad="replace": records whose text alone is bad leave the index at load, so the samples of
+        each modality, which replacements are drawn from, hold none of them (one text-only record
+        among image records would otherwise be a whole text-only step of bad samples)."""
+        keep, dropped = [], []
+        for f, r in self.index:
+            try:
+                _check_text(self.files[f][1][r], self.template)
+                keep.append((f, r))
+            except SampleError as e:
+                dropped.append(self._skip_row(f, r, e))
+        self.index = keep
+        return dropped
+
     def __getitem__(self, i):
+        if self.on_bad == "replace":
+            return self._replaced(i)
         f, r = self.index[i]
         src, records, images = self.files[f]
         rec = records[r]
@@ -1035,6 +1083,35 @@ class SupervisedDataset(torch.utils.data.Dataset):
             if self.on_bad == "error":
                 raise self._named(e, rec, src, r) from None
             return {"id": self._sample_id(rec, src, r), "skip": e.reason}
+
+    def _replaced(self, i):
+        """Sample i, or if it is bad the first good one of replacements drawn from i's modality (a
+        global batch is all image or all text-only samples) by (seed, i, attempt) alone: the same on
+        any rank, so any number of processes still trains on the same samples."""
+        j, skips, seen = i, [], set()
+        pool = self._by_modality[self.is_image[i]]
+        for attempt in range(MAX_DRAWS):
+            f, r = self.index[j]
+            src, records, images = self.files[f]
+            try:
+                sample = self._build(records[r], src, images, r)
+            except SampleError as e:
+                if (f, r) not in seen:  # a record drawn twice is one bad sample
+                    seen.add((f, r))
+                    skips.append(self._skip_row(f, r, e))
+                j = pool[random.Random(f"{self.seed}:{i}:{attempt}").randrange(len(pool))]
+                continue
+            return {**sample, "skips": [{**s, "replaced_by": sample["id"]} for s in skips]}
+        kind, first = "image" if self.is_image[i] else "text-only", skips[0]
+        raise BadDataError(
+            f"sample id={first['id']!r} ({first['file']}, record {first['record']}) and the {MAX_DRAWS - 1} "
+            f"replacements drawn for it from the {len(pool)} {kind} samples were all bad: {len(skips)} records, "
+            f"{dict(collections.Counter(s['reason'] for s in skips))}; the first: {first['reason']}: "
+            f"{first['detail']}. `python data.py check` names every bad sample")
+
+    @functools.cached_property
+    def _by_modality(self) -> dict[bool, list[int]]:
+        return {m: [j for j, x in enumerate(self.is_image) if x == m] for m in (True, False)}
 
     def _build(self, rec, src, images, r):
         _check_record(rec, self.template)
@@ -1087,10 +1164,12 @@ class SupervisedDataset(torch.utils.data.Dataset):
 def collate(batch, pad_id: int, padding_side: str = "right") -> dict:
     """Pad to the longest sample. Right padding for training; left padding for batched
     generation (every prompt then ends at the last position, where the next token is read).
-    Skipped samples are dropped and counted in `skipped`; a batch may come out empty (B = 0)."""
+    Skipped samples are dropped and counted in `skipped`; a batch may come out empty (B = 0). The
+    bad samples that replaced ones met are counted there too, and listed in `skips`."""
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-    skipped = collections.Counter(b["skip"] for b in batch if "skip" in b)
+    skips = [s for b in batch for s in b.get("skips", ())]
+    skipped = collections.Counter([b["skip"] for b in batch if "skip" in b] + [s["reason"] for s in skips])
     batch = [b for b in batch if "skip" not in b]
     T = max((len(b["input_ids"]) for b in batch), default=0)
     input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
@@ -1106,7 +1185,7 @@ def collate(batch, pad_id: int, padding_side: str = "right") -> dict:
     images = [b["pixel_values"] for b in batch if b.get("pixel_values") is not None]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "pixel_values": torch.stack(images) if images else None,  # (n_images, 3, S, S), batch order
-            "ids": [b.get("id") for b in batch], "skipped": skipped}
+            "ids": [b.get("id") for b in batch], "skipped": skipped, "skips": skips}
 
 
 def expand_image_tokens(input_ids: torch.Tensor, num_image_tokens: int, attention_mask=None, labels=None,

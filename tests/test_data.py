@@ -606,6 +606,37 @@ def test_dataset_error_policy_names_sample_file_and_reason(tok3, image_dir, tmp_
         assert e.value.reason == "malformed_record"
 
 
+def test_replace_policy_draws_a_good_sample_of_the_same_kind(tok3, image_dir, tmp_path):
+    """Training's policy: a bad sample is replaced by one drawn from its modality by (seed, index,
+    attempt) alone, so every index gives a good sample, the same in any process; each bad one met is
+    reported with id, file, record and reason. Records whose text alone is bad (here the only
+    text-only record, <image> without an image) are dropped at load, so they never fill a step."""
+    records = GOOD[:4] + [BAD[k][0] for k in ("missing", "trunc", "garbage", "escape", "noimage", "empty")]
+    path = write_json(tmp_path / "d.json", records)
+    kw = dict(num_image_tokens=4, max_length=64, image_size=32, on_bad="replace", seed=3)
+    ds = data.SupervisedDataset(f"{path}@{image_dir}", tok3, **kw)
+    assert [(r["id"], r["record"], r["reason"]) for r in ds.dropped] == [("noimage", 8, "token_without_image"),
+                                                                        ("empty", 9, "empty_answer")]
+    assert ds.dropped[0]["file"] == str(path) and len(ds) == 8 and all(ds.is_image)
+    good_ids = {r["id"] for r in GOOD[:4]}
+    samples = [ds[i] for i in range(len(ds))]
+    assert [s["id"] for s in samples[:4]] == [r["id"] for r in GOOD[:4]] and not any(s["skips"] for s in samples[:4])
+    for i, s in enumerate(samples[4:], 4):  # each bad one: a good image sample instead, and the bad ones met
+        assert s["id"] in good_ids and s["pixel_values"].shape == (3, 32, 32)
+        first = s["skips"][0]
+        assert (first["id"], first["record"], first["reason"]) == (records[i]["id"], i, BAD[records[i]["id"]][1])
+        assert all(k["file"] == str(path) and k["replaced_by"] == s["id"] for k in s["skips"])
+    again = data.SupervisedDataset(f"{path}@{image_dir}", tok3, **kw)
+    assert [again[i]["id"] for i in range(len(ds))] == [s["id"] for s in samples]  # a function of (seed, index)
+    batch = data.collate(samples, pad_id=tok3.pad_id)
+    assert len(batch["ids"]) == 8 and batch["skipped"] == collections.Counter(
+        k["reason"] for s in samples for k in s["skips"]) and len(batch["skips"]) >= 4
+    # Nothing good left in a modality (every answer cut by max_length): an error that says so.
+    short = data.SupervisedDataset(f"{path}@{image_dir}", tok3, **{**kw, "max_length": 6})
+    with pytest.raises(data.BadDataError, match=r"replacements drawn for it from the 8 image samples were all bad"):
+        short[0]
+
+
 def test_malformed_files(tok3, tmp_path):
     bad = tmp_path / "broken.json"
     bad.write_text('[{"id": 1, "conversations": [}')
