@@ -143,7 +143,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a bad sample: log it and train on another of its kind instead, or stop the run")
     g.add_argument("--max-bad-fraction", type=fraction, default=0.1,
                    help="with --on-bad skip, stop when more than this fraction of the records loaded, or of the "
-                        f"samples read so far (counted over at least {BAD_MIN_SAMPLES}), were bad (BadSamples)")
+                        f"samples read so far (counted over at least {BAD_MIN_SAMPLES}), were bad; each is "
+                        "listed in OUT/skipped.jsonl")
     g.add_argument("--allow-outside-image-root", action="store_true",
                    help="read absolute and ../ image paths, and links leading out of the image folder (trusted data)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
