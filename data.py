@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import codecs
 import collections
 import collections.abc
 import functools
@@ -24,6 +25,7 @@ import posixpath
 import random
 import re
 import sys
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +42,19 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's preprocessing s
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_FILL = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104): the mean colour, ~0 after normalising
 
+# Decoding limits, checked against an image's header before any pixel is decoded. A file's size says
+# nothing about its pixels: an 855-byte PNG can declare 100000 x 8 pixels (pad-to-square then makes a
+# 100000² canvas: 30 GB), and an 8 MB zip can hold an 8 GB member. Real inputs are far smaller: CT/MR
+# slices are 512², radiographs and mammograms up to ~5000 px a side (~28 MP), phone photos ~48 MP.
+MAX_IMAGE_SIDE = 12_000  # px; pad-to-square allocates side² x 3 bytes: at most 432 MB
+MAX_IMAGE_PIXELS = 64_000_000  # width x height: 192 MB as RGB (PIL's own bomb warning starts at 89 MP)
+MAX_IMAGE_BYTES = 512 * 2 ** 20  # a file or zip member read whole (DICOM, zip members), or a decoded DICOM volume
+
 
 class SampleError(ValueError):
     """A bad sample. `.reason` is a short stable key (skip counts are keyed by it); the message
-    says which sample and why. Reasons: missing_image, corrupt_image, unsafe_path, empty_answer,
-    multiple_images, image_without_token, token_without_image, too_long_no_labels,
+    says which sample and why. Reasons: missing_image, corrupt_image, image_too_large, unsafe_path,
+    empty_answer, multiple_images, image_without_token, token_without_image, too_long_no_labels,
     template_mismatch, malformed_record."""
 
     def __init__(self, reason: str, detail: str = ""):
@@ -80,7 +90,7 @@ def _first(v) -> float:
     return float(v)
 
 
-def _load_dicom(f) -> Image.Image:
+def _load_dicom(f, name: str) -> Image.Image:
     """DICOM -> RGB. Stored values are not intensities: the modality LUT (slope/intercept) gives
     physical units (Hounsfield units for CT), then a window maps a range of them to grey levels.
     Window: the file's own WindowCenter/Width, else CT soft tissue (40/400 HU), else the full range.
@@ -88,6 +98,7 @@ def _load_dicom(f) -> Image.Image:
     import pydicom  # only DICOM needs it
 
     ds = pydicom.dcmread(f)
+    _check_dicom_size(ds, name)
     x = ds.pixel_array  # raises if the transfer syntax needs a decoder that is not installed
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         x = x[x.shape[0] // 2]
@@ -112,6 +123,18 @@ def _load_dicom(f) -> Image.Image:
     return Image.fromarray(np.round(y * 255).astype(np.uint8), "L").convert("RGB")
 
 
+def _check_dicom_size(ds, name: str) -> None:
+    """The DICOM header's frame size, and the whole volume's, since pixel_array decodes every frame
+    (only the middle one is used)."""
+    tag = lambda key, default: int(ds.get(key, default) or default)  # noqa: E731
+    rows, cols, frames = tag("Rows", 0), tag("Columns", 0), tag("NumberOfFrames", 1)
+    check_image_size(cols, rows, name)
+    volume = frames * rows * cols * tag("SamplesPerPixel", 1) * -(-tag("BitsAllocated", 8) // 8)
+    if volume > MAX_IMAGE_BYTES:
+        raise SampleError("image_too_large", f"{name}: {frames} frames of {cols}x{rows} decode to {volume:,} bytes "
+                                             f"(limit data.MAX_IMAGE_BYTES = {MAX_IMAGE_BYTES:,})")
+
+
 def _is_dicom(src, name: str) -> bool:
     if name.lower().endswith((".dcm", ".dicom")):
         return True
@@ -125,25 +148,53 @@ def _is_dicom(src, name: str) -> bool:
     return head[128:132] == b"DICM"  # DICOM part 10: 128-byte preamble then the magic
 
 
+def check_image_size(width: int, height: int, name: str) -> None:
+    """Refuse an image whose decoded pixels would not fit the limits above (SampleError
+    "image_too_large"), from its header: before decoding, and before padding to a square."""
+    if max(width, height) > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
+        raise SampleError("image_too_large", f"{name} is {width}x{height} pixels (limits: data.MAX_IMAGE_SIDE = "
+                                             f"{MAX_IMAGE_SIDE} a side, data.MAX_IMAGE_PIXELS = "
+                                             f"{MAX_IMAGE_PIXELS:,} in all)")
+
+
+def _check_file_size(src, name: str) -> None:
+    if isinstance(src, (str, os.PathLike)):
+        size = os.path.getsize(src)  # FileNotFoundError: reported as missing_image
+    elif isinstance(src, io.BytesIO):
+        size = src.getbuffer().nbytes
+    else:
+        return
+    if size > MAX_IMAGE_BYTES:
+        raise SampleError("image_too_large", f"{name} is {size:,} bytes "
+                                             f"(limit data.MAX_IMAGE_BYTES = {MAX_IMAGE_BYTES:,})")
+
+
 def load_image(src, name: str | None = None) -> Image.Image:
     """An RGB PIL image from a path, bytes, or a binary file object (zip members; `name` is used
     for messages and the .dcm check). PNG/JPG/GIF/BMP/TIFF go through PIL, which picks the decoder
     from the content, not the extension: a GIF saved as .jpg loads (its first frame) like any GIF.
-    DICOM is recognised by extension or by its DICM magic. Failures raise SampleError
-    ("missing_image" / "corrupt_image") naming the file."""
+    DICOM is recognised by extension or by its DICM magic. The size the header declares is checked
+    against MAX_IMAGE_SIDE/MAX_IMAGE_PIXELS (and a file against MAX_IMAGE_BYTES) before decoding.
+    Failures raise SampleError ("missing_image" / "corrupt_image" / "image_too_large") naming the file."""
     name = name or (os.fspath(src) if isinstance(src, (str, os.PathLike)) else "<bytes>")
     if isinstance(src, (bytes, bytearray)):
         src = io.BytesIO(src)
     try:
+        _check_file_size(src, name)
         if _is_dicom(src, name):
-            return _load_dicom(src)
-        with Image.open(src) as img:
-            img.load()  # decode now: a truncated file fails here, not later inside a worker
-            return _to_rgb(img)
+            return _load_dicom(src, name)
+        with warnings.catch_warnings():  # PIL only warns between 89 and 179 MP: make that an error too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(src) as img:  # reads the header only
+                check_image_size(*img.size, name)
+                img.load()  # decode now: a truncated file fails here, not later inside a worker
+                return _to_rgb(img)
     except SampleError:
         raise
     except FileNotFoundError:
         raise SampleError("missing_image", f"{name} does not exist") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise SampleError("image_too_large", f"{name}: {e}") from None
     except Exception as e:  # PIL and pydicom raise OSError, ValueError, SyntaxError, EOFError, ...
         raise SampleError("corrupt_image", f"{name}: {type(e).__name__}: {e}") from None
 
@@ -151,6 +202,7 @@ def load_image(src, name: str | None = None) -> Image.Image:
 def expand2square(img: Image.Image, background=CLIP_FILL) -> Image.Image:
     """LLaVA's "pad" aspect mode: centre the image on a square canvas of the CLIP mean colour,
     so the centre crop that follows keeps the whole image."""
+    check_image_size(*img.size, "the image to pad")  # so the max(w, h)² canvas is at most MAX_IMAGE_SIDE²
     img = _to_rgb(img)
     w, h = img.size
     if w == h:
@@ -164,6 +216,7 @@ def preprocess_image(img: Image.Image, size: int = 336, pad_to_square: bool = Tr
                      mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """HF CLIPImageProcessor with PIL + numpy: shortest side -> `size` (PIL bicubic, long side
     floored like HF), centre crop, x/255, (x - mean) / std. Returns float32 (3, size, size)."""
+    check_image_size(*img.size, "the image")  # load_image checked it; an image made elsewhere may be larger
     img = expand2square(img) if pad_to_square else _to_rgb(img)
     w, h = img.size
     if w <= h:
@@ -181,21 +234,34 @@ def preprocess_image(img: Image.Image, size: int = 336, pad_to_square: bool = Tr
     return torch.from_numpy(x)
 
 
+def check_inside(path, root) -> None:
+    """Refuse (SampleError "unsafe_path") a file outside `root` once every symbolic link on its way
+    is followed: a link inside an image folder, or a path in a record, must not make training or
+    evaluation read files elsewhere on the machine. The file need not exist."""
+    real = Path(path).resolve()
+    if not real.is_relative_to(Path(root).resolve()):
+        raise SampleError("unsafe_path", f"{path} resolves to {real}, outside the image root {root} "
+                                         "(allowed by --allow-outside-image-root)")
+
+
 class ImageSource:
     """An image root: a folder, or a .zip archive read in place (the released archives hold
     hundreds of thousands of files; extracting them is not needed). A ZipFile handle keeps one
     file position, so a handle inherited through fork() and used by several DataLoader workers at
     once reads garbage: each process opens its own, lazily, checked by pid. An archive whose
     entries all sit in one top-level folder (`zip -r x.zip x/`) also finds paths relative to it.
-    Record paths that are absolute or climb out of the root (`../`) are refused."""
+    Record paths that are absolute or climb out of the root (`../`), and files that symbolic links
+    lead out of a folder root, are refused unless `allow_outside` (the user trusts the records).
+    A zip member is read whole, so its declared size is checked first (MAX_IMAGE_BYTES)."""
 
-    def __init__(self, root):
+    def __init__(self, root, allow_outside: bool = False):
         self.root = os.fspath(root)
         if not os.path.exists(self.root):
             raise FileNotFoundError(f"image root {self.root} does not exist")
         self.is_zip = os.path.isfile(self.root)
         if self.is_zip and not zipfile.is_zipfile(self.root):
             raise ValueError(f"image root {self.root} is a file but not a zip archive")
+        self.allow_outside = allow_outside
         self._zip, self._pid, self._prefix = None, None, ""
 
     def __getstate__(self):  # a worker started by spawn opens its own handle
@@ -212,9 +278,18 @@ class ImageSource:
     def _safe(self, relpath) -> str:
         p = str(relpath).replace("\\", "/")
         norm = posixpath.normpath(p)
-        if not p or p.startswith("/") or re.match(r"[A-Za-z]:", p) or norm == ".." or norm.startswith("../"):
-            raise SampleError("unsafe_path", f"image path {relpath!r} is absolute or leaves the image root {self.root}")
+        leaves = p.startswith("/") or re.match(r"[A-Za-z]:", p) or norm == ".." or norm.startswith("../")
+        if not p or (leaves and not self.allow_outside):
+            raise SampleError("unsafe_path", f"image path {relpath!r} is absolute or leaves the image root {self.root}"
+                                             " (allowed by --allow-outside-image-root)")
         return norm
+
+    def _file(self, relpath) -> str:
+        """A folder root's file for a record path: inside the root after following links."""
+        path = os.path.join(self.root, self._safe(relpath))
+        if not self.allow_outside:
+            check_inside(path, self.root)
+        return path
 
     def _member(self, path: str) -> str | None:
         zf = self._archive()
@@ -227,18 +302,22 @@ class ImageSource:
         return None
 
     def exists(self, relpath) -> bool:
-        path = self._safe(relpath)
-        return self._member(path) is not None if self.is_zip else os.path.isfile(os.path.join(self.root, path))
+        return self._member(self._safe(relpath)) is not None if self.is_zip else os.path.isfile(self._file(relpath))
 
     def open(self, relpath) -> Image.Image:
-        path = self._safe(relpath)
         if not self.is_zip:
-            return load_image(os.path.join(self.root, path))
+            return load_image(self._file(relpath))
+        path = self._safe(relpath)
         name = self._member(path)
         if name is None:
             raise SampleError("missing_image", f"{path} is not in {self.root}")
+        size = self._archive().getinfo(name).file_size  # what the archive's directory declares
+        if size > MAX_IMAGE_BYTES:
+            raise SampleError("image_too_large", f"{self.root}:{name} is {size:,} bytes uncompressed "
+                                                 f"(limit data.MAX_IMAGE_BYTES = {MAX_IMAGE_BYTES:,})")
         try:
-            raw = self._archive().read(name)
+            with self._archive().open(name) as f:
+                raw = f.read(size)  # read(n) inflates at most n bytes, even if the declared size lies
         except (zipfile.BadZipFile, OSError, EOFError) as e:  # CRC error, truncated archive
             raise SampleError("corrupt_image", f"{self.root}:{name}: {e}") from None
         return load_image(raw, name=f"{self.root}:{name}")
@@ -845,29 +924,41 @@ class _BadLine(str):
 def read_records(path, *, bad_lines: str = "keep", allow_object: bool = False) -> list | dict:
     """The records of a JSON document or of a JSON Lines file (.jsonl, one record per line).
 
-    Training data keeps a JSONL line that does not parse as a `_BadLine` (bad_lines="keep"): it is
-    then skipped and counted like any malformed record. Benchmarks must not lose questions quietly
-    (bad_lines="raise": ValueError naming file:line). A JSON document must be a list (LLaVA's
-    format) unless allow_object (PubMedQA's {PMID: record}). A leading byte-order mark is ignored."""
+    Training data keeps a JSONL line that does not parse (or is not UTF-8) as a `_BadLine`
+    (bad_lines="keep"): it is then skipped and counted like any malformed record. Benchmarks must
+    not lose questions quietly (bad_lines="raise": ValueError naming file:line). A JSON document must
+    be UTF-8 (else a ValueError naming file:line) and a list (LLaVA's format) unless allow_object
+    (PubMedQA's {PMID: record}). A leading byte-order mark is ignored."""
     if bad_lines not in ("keep", "raise"):
         raise ValueError(f"bad_lines must be 'keep' or 'raise', got {bad_lines!r}")
     path = os.fspath(path)
-    with open(path, encoding="utf-8-sig") as f:
+    with open(path, "rb") as f:  # bytes: a stray non-UTF-8 byte is reported with its line, not as a traceback
         if path.endswith(".jsonl"):
-            return [_parse_line(line, n, path, bad_lines) for n, line in enumerate(f, 1) if line.strip()]
-        try:
-            records = json.load(f)
-        except json.JSONDecodeError as e:
-            hint = " (one record per line? name it .jsonl)" if e.msg == "Extra data" else ""
-            raise ValueError(f"{path}: not valid JSON: {e}{hint}") from None
+            lines = (line.removeprefix(codecs.BOM_UTF8) if n == 1 else line for n, line in enumerate(f, 1))
+            return [_parse_line(line, n, path, bad_lines) for n, line in enumerate(lines, 1) if line.strip()]
+        raw = f.read().removeprefix(codecs.BOM_UTF8)
+    try:
+        records = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason}: byte {raw[e.start]:#04x} at offset "
+                         f"{e.start})") from None
+    except json.JSONDecodeError as e:
+        hint = " (one record per line? name it .jsonl)" if e.msg == "Extra data" else ""
+        raise ValueError(f"{path}: not valid JSON: {e}{hint}") from None
     if not isinstance(records, list) and not (allow_object and isinstance(records, dict)):
         raise ValueError(f"{path}: expected a JSON list of records (LLaVA format), got {type(records).__name__}")
     return records
 
 
-def _parse_line(line: str, n: int, path: str, bad_lines: str):
+def _parse_line(line: bytes, n: int, path: str, bad_lines: str):
     try:
-        return json.loads(line)
+        return json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        problem = f"not UTF-8 text ({e.reason}: byte {line[e.start]:#04x} at column {e.start + 1})"
+        if bad_lines == "raise":
+            raise ValueError(f"{path}:{n}: {problem}") from None
+        return _BadLine(f"line {n}: {problem}")
     except json.JSONDecodeError as e:
         if bad_lines == "raise":
             raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
@@ -900,19 +991,44 @@ def _record_text(rec, template) -> tuple[bool, object]:
     return bool(rec.get("image")), rec["conversations"]
 
 
+def _check_text(rec, template) -> None:
+    """What a record's text alone shows is wrong (its structure, the conversation rules), with no
+    tokenizer and no image."""
+    _check_record(rec, template)
+    has_image, conv = _record_text(rec, template)
+    if not isinstance(conv, str):
+        _normalize(conv, has_image)
+    elif not conv.strip():
+        raise SampleError("empty_answer", "empty text")
+
+
+# Draws for one sample before training gives up (on_bad="replace"): the sample and 31 replacements. If
+# half of a modality's samples were bad, 31 bad replacements in a row would happen to one bad sample in
+# 2 billion; giving up means the data is mostly bad (a wrong image root, a --max-length no answer fits).
+MAX_DRAWS = 32
+
+
+class BadDataError(RuntimeError):
+    """Training cannot go on: a bad sample's replacements were all bad too."""
+
+
 class SupervisedDataset(torch.utils.data.Dataset):
     """Records from one or more sources (mixed by ratio) -> tokenised samples with labels.
 
     Loading only parses JSON; tokenising and image decoding happen per sample in __getitem__,
-    in DataLoader workers. A bad sample raises (on_bad="error") or comes back as
-    {"id", "skip": reason} (on_bad="skip"); collate drops and counts those, which keeps the counts
-    right across worker processes (a counter inside a worker would die with it)."""
+    in DataLoader workers. A bad sample raises (on_bad="error"), comes back as {"id", "skip": reason}
+    (on_bad="skip"; collate drops and counts those), or is replaced by another sample (on_bad="replace",
+    training: a step never comes out empty or short). Replacement leaves every bad sample it met in the
+    good sample's "skips" ({id, file, record, reason, detail, replaced_by}); collate gathers them.
+    Counts travel with the batches, so they stay right across worker processes (a counter inside a
+    worker would die with it)."""
 
     def __init__(self, sources, tokenizer: Tokenizer | None, *, template="llama3", system=None, num_image_tokens: int,
                  image_token_id: int = IMAGE_TOKEN_ID, max_length: int = 2048, image_size: int = 336,
-                 pad_to_square: bool = True, on_bad: str = "skip", seed: int = 0):
-        if on_bad not in ("skip", "error"):
-            raise ValueError(f"on_bad must be 'skip' or 'error', got {on_bad!r}")
+                 pad_to_square: bool = True, on_bad: str = "skip", seed: int = 0,
+                 allow_outside_image_root: bool = False):
+        if on_bad not in ("skip", "replace", "error"):
+            raise ValueError(f"on_bad must be 'skip', 'replace' or 'error', got {on_bad!r}")
         if system and not _template(template).system:
             raise ValueError(f"template {template!r} has no system prompt")
         if tokenizer is not None:  # None: only lengths / is_image are wanted (a dry run)
@@ -921,12 +1037,13 @@ class SupervisedDataset(torch.utils.data.Dataset):
             sources = parse_data_spec(sources)
         self.tokenizer, self.template, self.system = tokenizer, template, system
         self.num_image_tokens, self.image_token_id, self.max_length = num_image_tokens, image_token_id, max_length
-        self.image_size, self.pad_to_square, self.on_bad = image_size, pad_to_square, on_bad
+        self.image_size, self.pad_to_square, self.on_bad, self.seed = image_size, pad_to_square, on_bad, seed
         self.files, self.index = [], []  # files: (source, records, ImageSource|None); index: (file, record)
         rng = random.Random(seed)
         for f, src in enumerate(sources):
             records = read_records(src.path)
-            self.files.append((src, records, ImageSource(src.images) if src.images else None))
+            images = ImageSource(src.images, allow_outside_image_root) if src.images else None
+            self.files.append((src, records, images))
             n = len(records)
             k = round(n * src.ratio)
             picks = (list(range(n)) * (k // n) + sorted(rng.sample(range(n), k % n))) if n else []
@@ -937,6 +1054,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                         _check_record(rec, template)
                     except SampleError as e:
                         raise self._named(e, rec, src, r) from None
+        self.dropped = self._drop_bad() if on_bad == "replace" else []  # skip rows of records dropped at load
 
     def __len__(self):
         return len(self.index)
@@ -948,7 +1066,28 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def _named(self, e: SampleError, rec, src, r) -> SampleError:
         return SampleError(e.reason, f"sample id={self._sample_id(rec, src, r)!r} ({src.path}, record {r}): {e.detail}")
 
+    def _skip_row(self, f: int, r: int, e: SampleError) -> dict:
+        src, records, _ = self.files[f]
+        return {"id": self._sample_id(records[r], src, r), "file": src.path, "record": r, "reason": e.reason,
+                "detail": e.detail}
+
+    def _drop_bad(self) -> list[dict]:
+        """on_bad="replace": records whose text alone is bad leave the index at load, so the samples of
+        each modality, which replacements are drawn from, hold none of them (one text-only record
+        among image records would otherwise be a whole text-only step of bad samples)."""
+        keep, dropped = [], []
+        for f, r in self.index:
+            try:
+                _check_text(self.files[f][1][r], self.template)
+                keep.append((f, r))
+            except SampleError as e:
+                dropped.append(self._skip_row(f, r, e))
+        self.index = keep
+        return dropped
+
     def __getitem__(self, i):
+        if self.on_bad == "replace":
+            return self._replaced(i)
         f, r = self.index[i]
         src, records, images = self.files[f]
         rec = records[r]
@@ -958,6 +1097,35 @@ class SupervisedDataset(torch.utils.data.Dataset):
             if self.on_bad == "error":
                 raise self._named(e, rec, src, r) from None
             return {"id": self._sample_id(rec, src, r), "skip": e.reason}
+
+    def _replaced(self, i):
+        """Sample i, or if it is bad the first good one of replacements drawn from i's modality (a
+        global batch is all image or all text-only samples) by (seed, i, attempt) alone: the same on
+        any rank, so any number of processes still trains on the same samples."""
+        j, skips, seen = i, [], set()
+        pool = self._by_modality[self.is_image[i]]
+        for attempt in range(MAX_DRAWS):
+            f, r = self.index[j]
+            src, records, images = self.files[f]
+            try:
+                sample = self._build(records[r], src, images, r)
+            except SampleError as e:
+                if (f, r) not in seen:  # a record drawn twice is one bad sample
+                    seen.add((f, r))
+                    skips.append(self._skip_row(f, r, e))
+                j = pool[random.Random(f"{self.seed}:{i}:{attempt}").randrange(len(pool))]
+                continue
+            return {**sample, "skips": [{**s, "replaced_by": sample["id"]} for s in skips]}
+        kind, first = "image" if self.is_image[i] else "text-only", skips[0]
+        raise BadDataError(
+            f"sample id={first['id']!r} ({first['file']}, record {first['record']}) and the {MAX_DRAWS - 1} "
+            f"replacements drawn for it from the {len(pool)} {kind} samples were all bad: {len(skips)} records, "
+            f"{dict(collections.Counter(s['reason'] for s in skips))}; the first: {first['reason']}: "
+            f"{first['detail']}. `python data.py check` names every bad sample")
+
+    @functools.cached_property
+    def _by_modality(self) -> dict[bool, list[int]]:
+        return {m: [j for j, x in enumerate(self.is_image) if x == m] for m in (True, False)}
 
     def _build(self, rec, src, images, r):
         _check_record(rec, self.template)
@@ -1010,10 +1178,12 @@ class SupervisedDataset(torch.utils.data.Dataset):
 def collate(batch, pad_id: int, padding_side: str = "right") -> dict:
     """Pad to the longest sample. Right padding for training; left padding for batched
     generation (every prompt then ends at the last position, where the next token is read).
-    Skipped samples are dropped and counted in `skipped`; a batch may come out empty (B = 0)."""
+    Skipped samples are dropped and counted in `skipped`; a batch may come out empty (B = 0). The
+    bad samples that replaced ones met are counted there too, and listed in `skips`."""
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-    skipped = collections.Counter(b["skip"] for b in batch if "skip" in b)
+    skips = [s for b in batch for s in b.get("skips", ())]
+    skipped = collections.Counter([b["skip"] for b in batch if "skip" in b] + [s["reason"] for s in skips])
     batch = [b for b in batch if "skip" not in b]
     T = max((len(b["input_ids"]) for b in batch), default=0)
     input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
@@ -1029,7 +1199,7 @@ def collate(batch, pad_id: int, padding_side: str = "right") -> dict:
     images = [b["pixel_values"] for b in batch if b.get("pixel_values") is not None]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "pixel_values": torch.stack(images) if images else None,  # (n_images, 3, S, S), batch order
-            "ids": [b.get("id") for b in batch], "skipped": skipped}
+            "ids": [b.get("id") for b in batch], "skipped": skipped, "skips": skips}
 
 
 def expand_image_tokens(input_ids: torch.Tensor, num_image_tokens: int, attention_mask=None, labels=None,
@@ -1153,12 +1323,13 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
 
 
 def check(data, images=None, tokenizer=None, *, template="llama3", system=None, max_length=None,
-          num_image_tokens: int = 576, decode_images: bool = True, out=sys.stdout) -> dict:
+          num_image_tokens: int = 576, decode_images: bool = True, allow_outside_image_root: bool = False,
+          out=sys.stdout) -> dict:
     """Validate one data file the way training would read it, without a model. Prints counts,
     every bad sample by id with its reason, reason counts, and (with a tokenizer) token-length
     percentiles and how many samples max_length would truncate. Returns the same as a dict."""
     records = read_records(data)
-    source = ImageSource(images) if images else None
+    source = ImageSource(images, allow_outside_image_root) if images else None
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     bad, lengths, n_image, truncated = [], [], 0, 0
     for r, rec in enumerate(records):
@@ -1218,9 +1389,12 @@ def main(argv=None) -> int:
     c.add_argument("--max-length", type=int, default=None)
     c.add_argument("--num-image-tokens", type=int, default=576)
     c.add_argument("--no-decode", action="store_true", help="only check that images exist (fast)")
+    c.add_argument("--allow-outside-image-root", action="store_true",
+                   help="accept absolute and ../ image paths, and links leading out of the image folder")
     a = ap.parse_args(argv)
     report = check(a.data, a.images, a.tokenizer, template=a.template, system=a.system, max_length=a.max_length,
-                   num_image_tokens=a.num_image_tokens, decode_images=not a.no_decode)
+                   num_image_tokens=a.num_image_tokens, decode_images=not a.no_decode,
+                   allow_outside_image_root=a.allow_outside_image_root)
     return 1 if report["bad"] else 0
 
 

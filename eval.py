@@ -54,6 +54,7 @@ class Example:
     options: dict[str, str] | None = None  # {"A": "...", ...} for multiple choice
     prompt: str = ""  # the user turn sent to the model (the image placeholder is added by the template)
     answer_type: str | None = None  # the dataset's own CLOSED/OPEN label, where it has one
+    image_root: str | None = None  # the folder `image` was named relative to: it must resolve inside it
 
 
 # Chinese closed answers (SLAKE: 是的/不是/有/没有/包含/不包含; the demo: 是/否). Checked longest first.
@@ -143,6 +144,16 @@ def _image_root(path: Path, images: str | None, *candidates: str) -> Path:
     return base
 
 
+def _rooted(examples: list[Example], root: Path) -> list[Example]:
+    """Record the folder the examples' image paths were joined to: PromptSet reads an image only if it
+    resolves inside it (no absolute or ../ path in the file, no link out of the folder), unless
+    --allow-outside-image-root: a benchmark file must not make the evaluator read other files."""
+    for ex in examples:
+        if isinstance(ex.image, str):
+            ex.image_root = str(root)
+    return examples
+
+
 def _parquet_image(img):
     """HF `Image` feature: {"bytes": ..., "path": ...}."""
     if isinstance(img, dict):
@@ -166,7 +177,7 @@ def load_vqa_rad(path: Path, images=None, split="test", hint=True) -> list[Examp
                                _field(r, "answer", where=where),
                                str(root / _field(r, "image_name", where=where)), "en",
                                r.get("answer_type"), hint=hint))
-    return out
+    return _rooted(out, root)
 
 
 def load_slake(path: Path, images=None, hint=True) -> list[Example]:
@@ -179,7 +190,7 @@ def load_slake(path: Path, images=None, hint=True) -> list[Example]:
                                _field(r, "answer", where=where),
                                str(root / _field(r, "img_name", where=where)),
                                r.get("q_lang"), r.get("answer_type"), hint=hint))
-    return out
+    return _rooted(out, root)
 
 
 def load_pathvqa(path: Path, images=None, hint=True) -> list[Example]:
@@ -212,7 +223,7 @@ def load_vqa(path: Path, images=None, hint=False) -> list[Example]:
         out.append(vqa_example(r.get("id", r.get("question_id", n)), q, a,
                                str(root / img) if img else None, r.get("lang"), r.get("answer_type"),
                                hint=hint))
-    return out
+    return _rooted(out, root)
 
 
 def load_pmc_vqa(path: Path, images=None) -> list[Example]:
@@ -233,7 +244,7 @@ def load_pmc_vqa(path: Path, images=None) -> list[Example]:
             label = next((k for k, v in options.items() if v == text), "")
         out.append(choice_example(r.get("index", n), _field(r, "Question", where=where), options, label,
                                   "en", str(root / _field(r, "Figure_path", where=where))))
-    return out
+    return _rooted(out, root)
 
 
 def load_medqa(path: Path, images=None) -> list[Example]:
@@ -660,9 +671,10 @@ class PromptSet(torch.utils.data.Dataset):
     and preprocessed here, inside DataLoader workers, while the model generates."""
 
     def __init__(self, examples, prompts, image_size, pad_to_square, blank_images=False,
-                 norm=(data.CLIP_MEAN, data.CLIP_STD)):
+                 norm=(data.CLIP_MEAN, data.CLIP_STD), allow_outside_image_root=False):
         self.examples, self.prompts = examples, prompts
         self.image_size, self.pad_to_square, self.blank, self.norm = image_size, pad_to_square, blank_images, norm
+        self.allow_outside = allow_outside_image_root
 
     def __len__(self):
         return len(self.examples)
@@ -671,7 +683,9 @@ class PromptSet(torch.utils.data.Dataset):
         ex = self.examples[i]
         item = {"id": ex.id, "input_ids": self.prompts[i]}
         if ex.image is not None:
-            try:  # skip and report a missing/corrupt image instead of crashing mid-run
+            try:  # skip and report a missing/corrupt/oversized/outside image instead of crashing mid-run
+                if ex.image_root is not None and not self.allow_outside:
+                    data.check_inside(ex.image, ex.image_root)
                 img = data.load_image(ex.image)  # also when blanking: both runs skip the same questions
             except data.SampleError as e:
                 return {"id": ex.id, "skip": e.reason, "detail": str(e)}
@@ -693,7 +707,7 @@ def generate_answers(m, tok, examples: list[Example], *, template="llama3", syst
                      batch_size=16, max_new_tokens=64, pad_to_square=True, norm=(data.CLIP_MEAN, data.CLIP_STD),
                      blank_images=False,
                      do_sample=False, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0,
-                     num_workers=2, progress=True) -> tuple[dict, dict, float]:
+                     num_workers=2, progress=True, allow_outside_image_root=False) -> tuple[dict, dict, float]:
     """Answers for every example: ({id: text}, {id: (skip reason, detail)}, seconds).
 
     Prompts are sorted by length, longest first (a too-large batch fails at once, and rows of a
@@ -705,7 +719,8 @@ def generate_answers(m, tok, examples: list[Example], *, template="llama3", syst
     prompts = [encode(ex, tok, m, template, system) for ex in examples]
     order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))
     loader = torch.utils.data.DataLoader(
-        PromptSet(examples, prompts, m.config.vision.image_size, pad_to_square, blank_images, norm),
+        PromptSet(examples, prompts, m.config.vision.image_size, pad_to_square, blank_images, norm,
+                  allow_outside_image_root),
         batch_sampler=[order[i:i + batch_size] for i in range(0, len(order), batch_size)],
         collate_fn=functools.partial(_collate, pad_id=tok.pad_id), num_workers=num_workers)
     gen = torch.Generator(device).manual_seed(seed) if do_sample else None
@@ -823,6 +838,9 @@ def parse_args(argv=None):
     g.add_argument("--task", choices=sorted(TASKS), help="benchmark format of --data")
     g.add_argument("--data", help="the task's file (or parquet folder)")
     g.add_argument("--images", help="image folder (default: per format, beside --data)")
+    g.add_argument("--allow-outside-image-root", action="store_true",
+                   help="read images that --data names by absolute or ../ paths, or that links lead out of the "
+                        "image folder to (refused and reported as skipped otherwise)")
     g.add_argument("--answers", help="cmb: answer-key file (list of {id, answer})")
     g.add_argument("--split", default="test", choices=["test", "all"], help="vqa-rad JSON: test questions only")
     g.add_argument("--lang", choices=["en", "zh"], help="keep only questions in this language")
@@ -959,7 +977,8 @@ def run_evaluate(args) -> int:
     answers, skipped, seconds = generate_answers(
         m, tok, examples, template=policy.template, system=policy.system, batch_size=args.batch_size,
         max_new_tokens=max_new, pad_to_square=policy.pad_to_square, norm=(policy.image_mean, policy.image_std),
-        blank_images=args.blank_images, seed=args.seed, num_workers=args.workers, **_sampling(args))
+        blank_images=args.blank_images, seed=args.seed, num_workers=args.workers,
+        allow_outside_image_root=args.allow_outside_image_root, **_sampling(args))
     for qid, (reason, detail) in list(skipped.items())[:10]:
         print(f"skipped {qid}: {detail}", file=sys.stderr)
     settings = {"task": args.task, "data": str(args.data), "n_questions": len(examples),

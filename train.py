@@ -145,7 +145,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max-length", type=int, help="tokens per sample, image positions included")
     g.add_argument("--template", choices=sorted(data.TEMPLATES),
                    help="chat template (default: the stage's; pretrain: llama3, or caption for the demo)")
-    g.add_argument("--on-bad", default="skip", choices=["skip", "error"], help="bad samples: count and skip, or stop")
+    g.add_argument("--on-bad", default="skip", choices=["skip", "error"],
+                   help="a bad sample: log it and train on another of its kind instead, or stop the run")
+    g.add_argument("--max-bad-fraction", type=fraction, default=0.1,
+                   help="with --on-bad skip, stop when more than this fraction of the records loaded, or of the "
+                        f"samples read so far (counted over at least {BAD_MIN_SAMPLES}), were bad; each is "
+                        "listed in OUT/skipped.jsonl")
+    g.add_argument("--allow-outside-image-root", action="store_true",
+                   help="read absolute and ../ image paths, and links leading out of the image folder (trusted data)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("optimisation (defaults per stage: HPARAMS, DEMO_HPARAMS for the tiny preset)")
     g.add_argument("--lr", type=float)
@@ -203,6 +210,8 @@ class RunConfig:
     template: str
     max_length: int
     on_bad: str
+    max_bad_fraction: float             # of the samples read (at least BAD_MIN_SAMPLES), or of the records loaded
+    allow_outside_image_root: bool
     workers: int
     lr: float
     global_batch: int
@@ -580,13 +589,16 @@ def print_memory_table(run, cfg: model.ModelConfig, counts: dict, b: int) -> Non
 
 # ---- data ---------------------------------------------------------------------------------------
 
-def make_dataset(run, m: model.DoctorSun, tokenizer) -> data.SupervisedDataset:
+def make_dataset(run, m: model.DoctorSun, tokenizer, training: bool = True) -> data.SupervisedDataset:
+    """Training data replaces a bad sample by another of its modality (--on-bad skip), so no step is
+    short of samples; held-out data skips it, so the eval set stays the eval set."""
     stage = STAGES[run.stage]
     return data.SupervisedDataset(
         data.parse_data_spec(run.data), tokenizer, template=run.template,
         num_image_tokens=m.num_image_tokens, image_token_id=m.image_token_id, max_length=run.max_length,
-        image_size=m.config.vision.image_size, pad_to_square=stage["pad_to_square"], on_bad=run.on_bad,
-        seed=run.seed)
+        image_size=m.config.vision.image_size, pad_to_square=stage["pad_to_square"],
+        on_bad="replace" if training and run.on_bad == "skip" else run.on_bad, seed=run.seed,
+        allow_outside_image_root=run.allow_outside_image_root)
 
 
 def micro_batches(ds, run, rank: int, world: int, start: int):
@@ -983,7 +995,7 @@ def fit(t: Trainer, step: int, micro_done: int, log: MetricsLog) -> tuple[int, i
 
     run, rank, world = t.run, t.rank, t.world
     (f_tok, f_head, f_img), peak = t.flops, t.peak
-    skipped = collections.Counter()
+    bad = BadSamples(run, t.dataset, step, rank, world, log.rows)
     batches = micro_batches(t.dataset, run, rank, world, micro_done)
     bar = tqdm(total=t.total_steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc=run.stage)
     last = None
@@ -994,7 +1006,7 @@ def fit(t: Trainer, step: int, micro_done: int, log: MetricsLog) -> tuple[int, i
             t0 = time.time()
             group = [next(batches) for _ in range(t.gas)]  # (epoch, micro-batch) pairs
             for _, b in group:
-                skipped.update(b["skipped"])
+                bad.add(b)
             r = train_step(t.engine, [b for _, b in group], world, t.device)
             step, micro_done = step + 1, micro_done + t.gas
             dt = time.time() - t0
@@ -1003,8 +1015,9 @@ def fit(t: Trainer, step: int, micro_done: int, log: MetricsLog) -> tuple[int, i
                     "grad_norm": r["grad_norm"], "tokens_per_s": round(r["tokens"] / dt, 1),
                     "supervised_tokens": r["supervised_tokens"], "step_s": round(dt, 3),
                     "mfu": None if not peak else round(flops / dt / (peak * world), 5),
-                    "skipped": gather_counts(skipped, world)}
+                    "skipped": bad.end_step(step)}
             log.write(last)
+            bad.check(step)
             if rank == 0:
                 bar.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
                 bar.update(1)
@@ -1017,6 +1030,8 @@ def fit(t: Trainer, step: int, micro_done: int, log: MetricsLog) -> tuple[int, i
         if rank == 0:
             report_interrupt(run, step, t.total_steps, log.rows)
         raise
+    except data.BadDataError as e:
+        raise SystemExit(f"stopping at step {step}: {e}") from None
     bar.close()
     return step, micro_done, last
 
@@ -1030,6 +1045,102 @@ def gather_counts(counts: collections.Counter, world: int) -> dict:
     for g in gathered:
         total.update(g)
     return dict(total)
+
+
+# ---- bad samples --------------------------------------------------------------------------------
+# A bad sample (a missing, corrupt or oversized image, an answer --max-length cuts off, a record that
+# breaks the conversation rules) does not end a run: the dataset trains on another sample of the same
+# modality instead, and it is logged here. Only bad data in bulk stops a run: more than
+# --max-bad-fraction (default 0.1) of what was read. A few percent of a large scraped set is ordinary
+# rot (LLaVA-style releases lose images); beyond a tenth something systematic is wrong (a wrong image
+# root, a truncated archive, a --max-length shorter than the answers), and the replacements would
+# skew the data mixture noticeably. The fraction is taken over at least BAD_MIN_SAMPLES samples: one
+# bad sample among the first 4 read is not "25% bad".
+BAD_MIN_SAMPLES = 1000
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number from 0 to 1."""
+    x = float(text)
+    if not 0 <= x <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction from 0 to 1")
+    return x
+
+
+def too_many_bad(n_bad: int, n: int, max_fraction: float) -> bool:
+    return n_bad > max_fraction * max(n, BAD_MIN_SAMPLES)
+
+
+class BadSamples:
+    """A stage's bad training samples, known alike to every rank. Each step's are gathered from all
+    ranks; rank 0 appends them to <out>/skipped.jsonl, one row each ({step, id, file, record, reason,
+    detail, replaced_by}; step 0 also lists the records dropped at load) and prints the first PRINTED.
+    The counts by reason (records dropped at load included) go into every metrics row and the
+    summary. The run stops when the records dropped at load, or the bad samples among those read,
+    exceed --max-bad-fraction (too_many_bad)."""
+    PRINTED = 20
+
+    def __init__(self, run: RunConfig, ds: data.SupervisedDataset, step: int, rank: int, world: int,
+                 history: list[dict]):
+        self.run, self.rank, self.world, self.path = run, rank, world, Path(run.out) / "skipped.jsonl"
+        self.dropped, self.rows, self.printed = len(ds.dropped), [], 0
+        counts = next((r["skipped"] for r in reversed(history) if "skipped" in r), None)  # rank 0's, on resume
+        if world > 1:
+            box = [counts]
+            torch.distributed.broadcast_object_list(box, src=0)
+            counts = box[0]
+        self.counts = collections.Counter(counts if counts is not None else [r["reason"] for r in ds.dropped])
+        # samples read: each step's global batch plus the bad samples read in their place
+        self.read = step * run.global_batch + sum(self.counts.values()) - self.dropped
+        if rank == 0:
+            old = self.path.read_text().splitlines() if step and self.path.exists() else []
+            self.path.write_text("".join(f"{r}\n" for r in old if json.loads(r)["step"] <= step))
+        if step == 0:
+            self.log(ds.dropped, 0)
+        if too_many_bad(self.dropped, len(ds) + self.dropped, run.max_bad_fraction):
+            raise SystemExit(f"{self.dropped:,} of the {len(ds) + self.dropped:,} records of --data {run.data} are bad "
+                             f"({dict(self.counts)}), more than --max-bad-fraction {run.max_bad_fraction}; "
+                             f"each is listed in {self.path}")
+
+    def add(self, batch: dict) -> None:
+        self.rows += batch["skips"]
+
+    def end_step(self, step: int) -> dict:
+        """Gather and log the step's bad samples; the counts so far."""
+        rows = self.rows
+        if self.world > 1:
+            gathered = [None] * self.world
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [r for g in gathered for r in g]
+        rows.sort(key=lambda r: json.dumps(r, sort_keys=True, default=str))  # the same file on any number of ranks
+        self.rows = []
+        self.counts.update(r["reason"] for r in rows)
+        self.read += self.run.global_batch + len(rows)
+        self.log(rows, step)
+        return dict(self.counts)
+
+    def check(self, step: int) -> None:
+        """Stop, on every rank alike, once the bad samples read exceed --max-bad-fraction."""
+        n_bad = sum(self.counts.values()) - self.dropped
+        if too_many_bad(n_bad, self.read, self.run.max_bad_fraction):
+            raise SystemExit(f"stopping at step {step}: {n_bad:,} of the {self.read:,} samples read were bad "
+                             f"({dict(self.counts)}), more than --max-bad-fraction {self.run.max_bad_fraction} "
+                             f"(counted over at least {BAD_MIN_SAMPLES} samples); each is listed in {self.path}")
+
+    def log(self, rows: list[dict], step: int) -> None:
+        if self.rank != 0 or not rows:
+            return
+        from tqdm import tqdm
+
+        with open(self.path, "a") as f:
+            f.writelines(json.dumps({"step": step, **r}, ensure_ascii=False, default=str) + "\n" for r in rows)
+        for r in rows[:max(0, self.PRINTED - self.printed)]:
+            instead = f"; trained on id={r['replaced_by']!r} instead" if "replaced_by" in r else "; dropped at load"
+            tqdm.write(f"bad sample id={r['id']!r} ({r['file']}, record {r['record']}): {r['reason']}: "
+                       f"{r['detail']}{instead}")
+        if self.printed < self.PRINTED <= self.printed + len(rows):
+            tqdm.write(f"(further bad samples are only listed in {self.path})")
+        self.printed += len(rows)
 
 
 def report_interrupt(run: RunConfig, step: int, total_steps: int, history: list[dict]) -> None:
@@ -1146,10 +1257,10 @@ def make_eval_set(run, m: model.DoctorSun, tokenizer) -> EvalSet | None:
     --eval-questions as generation prompts."""
     if not (run.eval_data or run.eval_questions):
         return None
-    ds = make_dataset(replace(run, data=run.eval_data), m, tokenizer) if run.eval_data else None
+    ds = make_dataset(replace(run, data=run.eval_data), m, tokenizer, training=False) if run.eval_data else None
     questions = []
     if run.eval_questions:
-        qs = make_dataset(replace(run, data=run.eval_questions), m, tokenizer)
+        qs = make_dataset(replace(run, data=run.eval_questions), m, tokenizer, training=False)
         for f, r in qs.index:  # the records the spec's ratios pick (fixed by --seed)
             src, records, images = qs.files[f]
             questions.append(question_prompt(records[r], f"{src.path}, record {r}", images, run, m, tokenizer))

@@ -283,6 +283,79 @@ def test_path_escape_refused(image_dir, tmp_path, path):
     assert data.ImageSource(image_dir).exists("sub/../ok.png")  # staying inside is fine
 
 
+def test_symlink_out_of_a_folder_root_refused_unless_allowed(image_dir, tmp_path):
+    """A link inside the image folder that leads out of it is followed only when the user allows it;
+    so are absolute and ../ paths. Links that stay inside are fine."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    shutil.copy(image_dir / "ok.png", outside / "secret.png")
+    shutil.copy(image_dir / "ok.png", root / "ok.png")
+    (root / "link.png").symlink_to(outside / "secret.png")
+    (root / "linked_dir").symlink_to(outside, target_is_directory=True)
+    (root / "inside.png").symlink_to(root / "ok.png")
+    src = data.ImageSource(root)
+    for rel in ("link.png", "linked_dir/secret.png"):
+        with pytest.raises(SampleError, match="outside the image root") as e:
+            src.open(rel)
+        assert e.value.reason == "unsafe_path" and str(outside / "secret.png") in str(e.value)
+        with pytest.raises(SampleError):
+            src.exists(rel)
+    assert src.open("inside.png").size == (64, 48)
+    trusting = data.ImageSource(root, allow_outside=True)
+    for rel in ("link.png", "linked_dir/secret.png", "../outside/secret.png", str(outside / "secret.png")):
+        assert trusting.open(rel).size == (64, 48)
+
+
+def tiny_png(w, h, mode="1") -> bytes:
+    """A PNG whose header declares w x h pixels, a few hundred bytes on disk (one colour compresses away)."""
+    buf = io.BytesIO()
+    Image.new(mode, (w, h)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_oversized_images_refused_from_the_header(image_dir, tmp_path, monkeypatch):
+    """An image's header is checked before any pixel is decoded: a 100000 x 8 PNG of ~1 KB (pad-to-square
+    would make a 100000² canvas, 30 GB), one past PIL's bomb warning (89 MP) but under its error; a zip
+    member whose declared size is past the limit is not read; `data.py check` reports each."""
+    root = tmp_path / "imgs"
+    root.mkdir()
+    (root / "wide.png").write_bytes(tiny_png(100_000, 8))
+    (root / "bomb.png").write_bytes(tiny_png(9_500, 9_500))  # 90 MP: PIL warns, we refuse
+    assert (root / "wide.png").stat().st_size < 5000
+    t0 = time.perf_counter()
+    for name in ("wide.png", "bomb.png"):
+        with pytest.raises(SampleError, match=name) as e:
+            data.load_image(root / name)
+        assert e.value.reason == "image_too_large", e.value
+    assert time.perf_counter() - t0 < 1.0  # nothing was decoded
+    with pytest.raises(SampleError) as e:  # an image made in memory is checked before padding
+        data.preprocess_image(Image.new("L", (data.MAX_IMAGE_SIDE + 1, 1)), 32)
+    assert e.value.reason == "image_too_large"
+
+    shutil.copy(image_dir / "ok.png", root / "ok.png")
+    (root / "zeros.png").write_bytes(bytes(3 * 2 ** 20))
+    archive = tmp_path / "big.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        z.write(root / "ok.png", "ok.png")
+        z.write(root / "zeros.png", "zeros.png")  # 3 MB of zeros: a few KB compressed
+    monkeypatch.setattr(data, "MAX_IMAGE_BYTES", 2 ** 20)
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda *a: pytest.fail("a member was read whole"))
+    src = data.ImageSource(archive)
+    assert src.open("ok.png").size == (64, 48)
+    with pytest.raises(SampleError, match="zeros.png is 3,145,728 bytes uncompressed") as e:
+        src.open("zeros.png")
+    assert e.value.reason == "image_too_large"
+    with pytest.raises(SampleError, match="3,145,728 bytes") as e:  # a file in a folder: the same limit
+        data.load_image(root / "zeros.png")
+    assert e.value.reason == "image_too_large"
+
+    records = [image_record(n, n) for n in ("ok.png", "wide.png", "bomb.png", "zeros.png")]
+    report = data.check(str(write_json(tmp_path / "d.json", records)), str(root), out=io.StringIO())
+    assert report["reasons"] == {"image_too_large": 3}
+    assert [sid for sid, _, _ in report["bad"]] == ["wide.png", "bomb.png", "zeros.png"]
+
+
 # ---------------------------------------------------------------------------------------------
 # tokenizers and templates
 
@@ -533,6 +606,37 @@ def test_dataset_error_policy_names_sample_file_and_reason(tok3, image_dir, tmp_
         assert e.value.reason == "malformed_record"
 
 
+def test_replace_policy_draws_a_good_sample_of_the_same_kind(tok3, image_dir, tmp_path):
+    """Training's policy: a bad sample is replaced by one drawn from its modality by (seed, index,
+    attempt) alone, so every index gives a good sample, the same in any process; each bad one met is
+    reported with id, file, record and reason. Records whose text alone is bad (here the only
+    text-only record, <image> without an image) are dropped at load, so they never fill a step."""
+    records = GOOD[:4] + [BAD[k][0] for k in ("missing", "trunc", "garbage", "escape", "noimage", "empty")]
+    path = write_json(tmp_path / "d.json", records)
+    kw = dict(num_image_tokens=4, max_length=64, image_size=32, on_bad="replace", seed=3)
+    ds = data.SupervisedDataset(f"{path}@{image_dir}", tok3, **kw)
+    assert [(r["id"], r["record"], r["reason"]) for r in ds.dropped] == [("noimage", 8, "token_without_image"),
+                                                                        ("empty", 9, "empty_answer")]
+    assert ds.dropped[0]["file"] == str(path) and len(ds) == 8 and all(ds.is_image)
+    good_ids = {r["id"] for r in GOOD[:4]}
+    samples = [ds[i] for i in range(len(ds))]
+    assert [s["id"] for s in samples[:4]] == [r["id"] for r in GOOD[:4]] and not any(s["skips"] for s in samples[:4])
+    for i, s in enumerate(samples[4:], 4):  # each bad one: a good image sample instead, and the bad ones met
+        assert s["id"] in good_ids and s["pixel_values"].shape == (3, 32, 32)
+        first = s["skips"][0]
+        assert (first["id"], first["record"], first["reason"]) == (records[i]["id"], i, BAD[records[i]["id"]][1])
+        assert all(k["file"] == str(path) and k["replaced_by"] == s["id"] for k in s["skips"])
+    again = data.SupervisedDataset(f"{path}@{image_dir}", tok3, **kw)
+    assert [again[i]["id"] for i in range(len(ds))] == [s["id"] for s in samples]  # a function of (seed, index)
+    batch = data.collate(samples, pad_id=tok3.pad_id)
+    assert len(batch["ids"]) == 8 and batch["skipped"] == collections.Counter(
+        k["reason"] for s in samples for k in s["skips"]) and len(batch["skips"]) >= 4
+    # Nothing good left in a modality (every answer cut by max_length): an error that says so.
+    short = data.SupervisedDataset(f"{path}@{image_dir}", tok3, **{**kw, "max_length": 6})
+    with pytest.raises(data.BadDataError, match=r"replacements drawn for it from the 8 image samples were all bad"):
+        short[0]
+
+
 def test_malformed_files(tok3, tmp_path):
     bad = tmp_path / "broken.json"
     bad.write_text('[{"id": 1, "conversations": [}')
@@ -551,6 +655,23 @@ def test_malformed_files(tok3, tmp_path):
     text = data.SupervisedDataset(str(jsonl), tok3, template="text", num_image_tokens=4)
     assert text[0]["skip"] == "malformed_record"  # a conversation record under the text template
     assert text[2]["labels"].tolist() == [IGNORE_INDEX] + text[2]["input_ids"].tolist()[1:]
+
+
+def test_non_utf8_bytes_name_file_and_line(tok3, tmp_path):
+    """A byte that is not UTF-8: a JSON document is refused naming file and line; a JSONL line is one
+    malformed record (training) or an error naming file:line (benchmarks), like a line that does not parse."""
+    doc = tmp_path / "d.json"
+    doc.write_bytes(b'[{"id": 1,\n  "text": "ok"},\n {"id": 2, "text": "caf\xe9"}]')  # Latin-1 \xe9
+    with pytest.raises(ValueError, match=r"d\.json:3: not UTF-8 text .*byte 0xe9"):
+        data.read_records(doc)
+    lines = tmp_path / "d.jsonl"
+    lines.write_bytes(b'{"id": 1, "text": "ok"}\n{"id": 2, "text": "caf\xe9"}\n{"id": 3, "text": "fine"}\n')
+    ds = data.SupervisedDataset(str(lines), tok3, template="text", num_image_tokens=4)
+    assert "input_ids" in ds[0] and "input_ids" in ds[2]
+    assert ds[1] == {"id": f"{lines}#1", "skip": "malformed_record"}
+    assert "line 2: not UTF-8 text" in str(data.read_records(lines)[1])
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: not UTF-8 text"):
+        data.read_records(lines, bad_lines="raise")
 
 
 def test_read_records_for_benchmarks(tmp_path):

@@ -561,6 +561,47 @@ def test_single_image_mode_streams(tiny, tmp_path, capsys):
         assert streamed.strip() == answer and streamed.endswith("\n")
 
 
+def test_image_paths_stay_inside_the_image_root(tiny, tmp_path):
+    """Eval data names its images relative to an image folder: an absolute path, a ../ path or a link
+    leading out of the folder is not read (the question is skipped and reported with its reason) unless
+    --allow-outside-image-root."""
+    import shutil
+
+    f, recs = make_vqa_set(tmp_path / "data", n_images=1)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(tmp_path / "data/images/0.png", outside / "secret.png")
+    (tmp_path / "data/images/link.png").symlink_to(outside / "secret.png")
+    escapes = {"absolute": str(outside / "secret.png"), "up": "../outside/secret.png", "link": "images/link.png"}
+    recs = recs[:2] + [{"id": k, "image": v, "question": "Is it normal?", "answer": "no"} for k, v in escapes.items()]
+    write_json(f, recs)
+    args = ["--model", str(tiny["ckpt"]), "--task", "vqa", "--data", str(f), "--max-new-tokens", "2", "--workers", "0"]
+    assert E.main(args + ["--out", str(tmp_path / "strict")]) == 0
+    preds = {p["id"]: p for p in map(json.loads, (tmp_path / "strict/predictions.jsonl").read_text().splitlines())}
+    s = json.loads((tmp_path / "strict/summary.json").read_text())["vqa"]
+    assert s["n"] == 2 and s["skipped"] == {"unsafe_path": 3}
+    for k in escapes:
+        assert preds[k]["prediction"] is None and preds[k]["skipped"].startswith("unsafe_path"), preds[k]
+        assert f"resolves to {outside / 'secret.png'}, outside the image root {tmp_path / 'data'}" in preds[k]["skipped"]
+    assert E.main(args + ["--out", str(tmp_path / "trusting"), "--allow-outside-image-root"]) == 0
+    s = json.loads((tmp_path / "trusting/summary.json").read_text())["vqa"]
+    assert s["n"] == 5 and "skipped" not in s
+
+
+def test_oversized_image_refused_before_decoding(tiny, tmp_path):
+    """A 100000 x 8 PNG of a few KB: padding it to a square would take 30 GB. --image and eval data
+    go through data.load_image, which refuses it from its header."""
+    Image.new("1", (100_000, 8)).save(tmp_path / "wide.png")
+    t0 = time.perf_counter()
+    with pytest.raises(data.SampleError, match="wide.png is 100000x8 pixels") as e:
+        E.ask(tiny["model"], tiny["tok"], "Is it normal?", str(tmp_path / "wide.png"), max_new_tokens=2, stream=False)
+    assert e.value.reason == "image_too_large" and time.perf_counter() - t0 < 1.0
+    exs = [E.vqa_example("w", "Is it normal?", "no", str(tmp_path / "wide.png"))]
+    answers, skipped, _ = E.generate_answers(tiny["model"], tiny["tok"], exs, max_new_tokens=2, num_workers=0,
+                                             progress=False)
+    assert not answers and skipped["w"][0] == "image_too_large"
+
+
 def test_llava_hf_folder(tiny, tmp_path):
     """A transformers LLaVA folder: model.from_pretrained reads it, the tokenizer comes from the folder."""
     import shutil

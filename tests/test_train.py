@@ -7,8 +7,10 @@ as subprocesses (fp32 CPU configs), on tiny HF CLIP/Llama folders saved by trans
 and ZeRO stages (measured ~1e-6: reduction order differs), saved weights 1e-5 (measured <= 3e-7);
 resume is bitwise on the same launcher; gradients 1e-6 in the normalisation test.
 """
+import collections
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -699,6 +701,98 @@ def test_bad_configs_are_refused(parts, tmp_path):
                                         "--data", "x.json"]))
     with pytest.raises(SystemExit, match="not a multiple"):
         train.ds_config(train.resolve(train.parse_args(common(parts, "text", **{"--global-batch": 6}))), 4)
+
+
+# ---- bad data -----------------------------------------------------------------------------------
+
+def bad_pretrain_data(parts, folder: Path) -> str:
+    """6 good captions; 3 corrupt images in a row, a missing one and a 100000 x 8 PNG of a few KB; and a
+    text-only record whose human turn holds <image> (the only text-only record: before, a whole
+    text-only step of bad samples, which stopped the run)."""
+    d = parts["demo"]
+    good = json.loads((d / "pretrain.json").read_text())[:6]
+    (folder / "images").mkdir(parents=True)
+    for rec in good:
+        shutil.copy(d / rec["image"], folder / rec["image"])
+    for k in range(3):
+        (folder / f"images/corrupt{k}.png").write_bytes(bytes(range(200)))
+    from PIL import Image
+    Image.new("1", (100_000, 8)).save(folder / "images/wide.png")
+    caption = good[0]["conversations"]
+    bad = [{"id": n, "image": f"images/{n}.png", "conversations": caption}
+           for n in ("corrupt0", "corrupt1", "corrupt2", "nope", "wide")]
+    bad.append({"id": "no-image", "conversations": caption})
+    (folder / "d.json").write_text(json.dumps(good + bad))
+    return f"{folder / 'd.json'}@{folder}"
+
+
+def test_bad_samples_are_replaced_logged_and_processes_agree(parts, tmp_path):
+    """Every bad sample is replaced by a good one of its modality, chosen from (seed, index, attempt):
+    each step trains on a full global batch, the same on 1 process (2 x 2 accumulation) as on 2
+    (1 x 2 each), and each bad sample is listed in skipped.jsonl by id, file, record and reason. A run
+    resumed from step 2 ends with the same list and counts."""
+    spec = bad_pretrain_data(parts, tmp_path / "data")
+    args = common(parts, "pretrain", **{"--vision": parts["clip"], "--llm": parts["llama"], "--data": spec,
+                                        "--max-steps": 4, "--seed": 0, "--save-every": 2})
+    out = run_train(args + ["--out", tmp_path / "one"])
+    run_train(args + ["--micro-batch", 1, "--out", tmp_path / "two"], nproc=2)
+    shutil.copytree(tmp_path / "one", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut/final")
+    assert "continuing from" in run_train(args + ["--out", tmp_path / "cut", "--resume"])
+    assert [r["skipped"] for r in metrics(tmp_path / "cut")] == [r["skipped"] for r in metrics(tmp_path / "one")]
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(a) == 4 and [r["supervised_tokens"] for r in a] == [r["supervised_tokens"] for r in b]
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-5 and ra["skipped"] == rb["skipped"], (ra, rb)
+    log = (tmp_path / "one/skipped.jsonl").read_text()
+    assert log == (tmp_path / "two/skipped.jsonl").read_text() == (tmp_path / "cut/skipped.jsonl").read_text()
+    rows = [json.loads(line) for line in log.splitlines()]
+    file = str(tmp_path / "data/d.json")
+    assert rows[0] == {"step": 0, "id": "no-image", "file": file, "record": 11, "reason": "token_without_image",
+                       "detail": "<image> in the text but the record has no image"}
+    reasons = {"corrupt0": "corrupt_image", "corrupt1": "corrupt_image", "corrupt2": "corrupt_image",
+               "nope": "missing_image", "wide": "image_too_large"}
+    read = rows[1:]
+    assert {r["id"] for r in read} == set(reasons)  # 4 steps x 4 samples read every image record
+    for r in read:
+        assert r["step"] >= 1 and r["file"] == file and r["record"] == 6 + list(reasons).index(r["id"])
+        assert r["reason"] == reasons[r["id"]] and r["replaced_by"].startswith("cap_train_"), r
+    counts = collections.Counter(r["reason"] for r in rows)
+    assert a[-1]["skipped"] == dict(counts)
+    assert f'"skipped": {json.dumps(a[-1]["skipped"])}' in out and "bad sample id='no-image'" in out
+
+
+def run_train_fails(args) -> str:
+    p = subprocess.run([sys.executable, str(REPO / "train.py")] + [str(a) for a in args], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0, (p.stdout + p.stderr)[-3000:]
+    return p.stdout + p.stderr
+
+
+def test_max_bad_fraction_stops_the_run_and_is_checked_at_parse_time(parts, tmp_path, capsys):
+    """Beyond --max-bad-fraction the run stops with a message naming the counts and the log: of the
+    records loaded (before the first step), or of the samples read (over at least BAD_MIN_SAMPLES)."""
+    spec = bad_pretrain_data(parts, tmp_path / "data")
+    args = common(parts, "pretrain", **{"--vision": parts["clip"], "--llm": parts["llama"], "--data": spec,
+                                        "--max-steps": 4, "--seed": 0})
+    out = run_train_fails(args + ["--max-bad-fraction", 0, "--out", tmp_path / "zero"])
+    assert "1 of the 12 records of --data" in out and "more than --max-bad-fraction 0.0" in out
+    assert not (tmp_path / "zero/metrics.jsonl").read_text()  # stopped before the first step
+    out = run_train_fails(args + ["--max-bad-fraction", 0.002, "--out", tmp_path / "small"])
+    stop = re.search(r"stopping at step (\d): (\d+) of the (\d+) samples read were bad", out)
+    assert stop and int(stop[2]) > 2 and "more than --max-bad-fraction 0.002" in out, out[-3000:]
+    assert len(metrics(tmp_path / "small")) == int(stop[1])  # the step that crossed it was logged, then the stop
+    rows = (tmp_path / "small/skipped.jsonl").read_text().splitlines()
+    assert len(rows) == 1 + int(stop[2])  # the record dropped at load, and each bad one read
+    assert train.parse_args(common(parts, "text", **{"--max-bad-fraction": 0.5})).max_bad_fraction == 0.5
+    for value in ("1.5", "-0.1", "nan", "ten"):
+        with pytest.raises(SystemExit):
+            train.parse_args(common(parts, "text", **{"--max-bad-fraction": value}))
+        assert "--max-bad-fraction" in capsys.readouterr().err
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train.parse_args(common(parts, "text", **{"--max-bad-fraction": "1.5"}))
+    assert "1.5 is not a fraction from 0 to 1" in capsys.readouterr().err
 
 
 # ---- evaluation during training, TensorBoard ----------------------------------------------------
