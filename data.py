@@ -10,7 +10,6 @@ generation batches) and knows nothing about the model except how many positions 
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import collections
 import collections.abc
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import errors
 from checkpoint import load_hf_config
 from special_ids import IGNORE_INDEX, IMAGE_TOKEN_ID  # noqa: F401  (re-exported: data.IGNORE_INDEX)
 
@@ -40,7 +40,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_FILL = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104): the mean colour, ~0 after normalising
 
 
-class SampleError(ValueError):
+class SampleError(errors.UserError):
     """A bad sample. `.reason` is a short stable key (skip counts are keyed by it); the message
     says which sample and why. Reasons: missing_image, corrupt_image, unsafe_path, empty_answer,
     multiple_images, image_without_token, token_without_image, too_long_no_labels,
@@ -296,11 +296,11 @@ def _tiktoken_bpe(path: str, _mtime_ns: int, _size: int) -> tuple[dict[str, int]
             if not line.strip():
                 continue
             if _TIKTOKEN_LINE.fullmatch(line) is None:
-                raise ValueError(f"{path}:{n}: not a tiktoken line 'base64-token rank': {line[:60]!r}")
+                raise errors.UserError(f"{path}:{n}: not a tiktoken line 'base64-token rank': {line[:60]!r}")
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
     if sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError(f"{path}: ranks are not 0..{len(ranks) - 1} (duplicates or gaps)")
+        raise errors.UserError(f"{path}: ranks are not 0..{len(ranks) - 1} (duplicates or gaps)")
     char = _byte_chars()
     text = {t: "".join(char[b] for b in t) for t in ranks}
     merges = []
@@ -571,7 +571,7 @@ def _render(fmt: str, tok: Tokenizer, **fields) -> list:
         elif part in ("{bos}", "{eos}") or part.startswith("<|"):
             i = tok.bos_id if part == "{bos}" else tok.eos_id if part == "{eos}" else tok.token_to_id(part)
             if i is None:
-                raise ValueError(f"tokenizer in {tok.folder} has no {part} token, which this template needs")
+                raise errors.UserError(f"tokenizer in {tok.folder} has no {part} token, which this template needs")
             items.append(("id", i))
         elif part:
             items.append(("text", part))
@@ -814,13 +814,15 @@ def parse_data_spec(spec: str) -> list[DataSource]:
             try:
                 ratio, path = float(tail), head
             except ValueError:
-                raise ValueError(f"data spec {item!r}: ratio {tail!r} is not a number "
-                                 "(file[:ratio][@image_root])") from None
-        if not path or not ratio >= 0:
-            raise ValueError(f"data spec {item!r}: need file[:ratio][@image_root] with ratio >= 0")
+                raise errors.UserError(f"data spec {item!r}: ratio {tail!r} is not a number "
+                                       "(file[:ratio][@image_root])") from None
+        if not path:
+            raise errors.UserError(f"data spec {item!r}: no file (file[:ratio][@image_root])")
+        if not 0 < ratio < math.inf:  # a ratio of 0 picks no record: an empty source, or an empty run
+            raise errors.UserError(f"data spec {item!r}: ratio must be > 0 and finite (file[:ratio][@image_root])")
         out.append(DataSource(path, ratio, images or None))
     if not out:
-        raise ValueError(f"empty data spec {spec!r}")
+        raise errors.UserError(f"empty data spec {spec!r}")
     return out
 
 
@@ -845,9 +847,9 @@ def read_records(path, *, bad_lines: str = "keep", allow_object: bool = False) -
             records = json.load(f)
         except json.JSONDecodeError as e:
             hint = " (one record per line? name it .jsonl)" if e.msg == "Extra data" else ""
-            raise ValueError(f"{path}: not valid JSON: {e}{hint}") from None
+            raise errors.UserError(f"{path}: not valid JSON: {e}{hint}") from None
     if not isinstance(records, list) and not (allow_object and isinstance(records, dict)):
-        raise ValueError(f"{path}: expected a JSON list of records (LLaVA format), got {type(records).__name__}")
+        raise errors.UserError(f"{path}: expected a JSON list of records (LLaVA format), got {type(records).__name__}")
     return records
 
 
@@ -856,7 +858,7 @@ def _parse_line(line: str, n: int, path: str, bad_lines: str):
         return json.loads(line)
     except json.JSONDecodeError as e:
         if bad_lines == "raise":
-            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+            raise errors.UserError(f"{path}:{n}: not valid JSON ({e})") from None
         return _BadLine(f"line {n}: invalid JSON: {e}")
 
 
@@ -1193,7 +1195,7 @@ def check(data, images=None, tokenizer=None, *, template="llama3", system=None, 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Doctor Sun data tools")
+    ap = errors.ArgumentParser(description="Doctor Sun data tools")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="validate a LLaVA-format data file and its images; exit 1 if any sample is bad")
     c.add_argument("--data", required=True, help="LLaVA JSON list or JSONL")
@@ -1201,8 +1203,8 @@ def main(argv=None) -> int:
     c.add_argument("--tokenizer", help="model folder with tokenizer.json or tokenizer.model")
     c.add_argument("--template", default="llama3", choices=sorted(TEMPLATES))
     c.add_argument("--system", default=None)
-    c.add_argument("--max-length", type=int, default=None)
-    c.add_argument("--num-image-tokens", type=int, default=576)
+    c.add_argument("--max-length", type=errors.at_least(1), default=None)
+    c.add_argument("--num-image-tokens", type=errors.at_least(1), default=576)
     c.add_argument("--no-decode", action="store_true", help="only check that images exist (fast)")
     a = ap.parse_args(argv)
     report = check(a.data, a.images, a.tokenizer, template=a.template, system=a.system, max_length=a.max_length,
@@ -1211,4 +1213,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.run(main)

@@ -17,7 +17,7 @@ from PIL import Image
 import data
 import eval as E
 import model
-from conftest import TINY_LLM, TINY_VISION, tiny_checkpoint
+from conftest import TINY_LLM, TINY_VISION, cli_error, tiny_checkpoint
 
 # ---------------------------------------------------------------------------------------------
 # Scoring: the normaliser
@@ -519,6 +519,30 @@ def test_rescoring_without_a_model(tmp_path):
     llava_file = tmp_path / "llava.jsonl"
     llava_file.write_text(json.dumps({"question_id": "0_0", "text": "yes"}))
     assert E.read_predictions(llava_file) == ({"0_0": "yes"}, {})
+
+
+def test_cli_user_errors_are_one_line(tiny, tmp_path):
+    """Bad input to eval.py: exit status 2 and one `error:` line naming the file, id, flag or tensor."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+
+    f, recs = make_vqa_set(tmp_path, n_images=1)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "0_0", "prediction": "yes"}\n{oops\n')
+    assert f"{bad}:2: not valid JSON" in cli_error("eval.py", "--task", "vqa", "--data", f, "--predictions", bad)
+    dup = write_json(tmp_path / "dup.json", recs + recs[:1])
+    line = cli_error("eval.py", "--task", "vqa", "--data", dup, "--predictions", bad)
+    assert f"{dup}: duplicate question ids ['0_0']" in line
+    line = cli_error("eval.py", "--task", "vqa", "--data", f, "--predictions", bad, "--batch-size", "0")
+    assert "argument --batch-size: must be >= 1, got 0" in line
+    # A NaN weight used to load and answer '!!!!'.
+    nan = tmp_path / "nan"
+    shutil.copytree(tiny["ckpt"], nan)
+    sd = load_file(nan / "model.safetensors")
+    sd["llm.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    save_file(sd, nan / "model.safetensors")
+    line = cli_error("eval.py", "--model", nan, "--question", "Is there a lesion?", "--max-new-tokens", "4")
+    assert f"'llm.layers.1.mlp.down_proj.weight' in {nan / 'model.safetensors'} holds NaN or Inf" in line
 
 
 @pytest.mark.parametrize("argv, mode", [
