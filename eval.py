@@ -783,17 +783,29 @@ def ask(m, tok, question: str, image=None, *, template="llama3", system="", pad_
 def read_predictions(path) -> tuple[dict[str, str], dict]:
     """({id: prediction}, {id: (reason, detail)}) from JSONL: ours (`id`, `prediction`, and
     `skipped` for questions whose image failed: they stay unscored, as in the original run) or
-    LLaVA's answer files (`question_id`, `text`)."""
-    answers, skipped = {}, {}
+    LLaVA's answer files (`question_id`, `text`). An id on two lines is an error: which answer
+    counts would be a guess."""
+    answers, skipped, lines = {}, {}, {}
     for n, rec in enumerate(data.read_records(path, bad_lines="raise"), 1):
-        qid = rec.get("id", rec.get("question_id"))
+        qid = rec.get("id", rec.get("question_id")) if isinstance(rec, dict) else None
         if qid is None:
             raise errors.UserError(f"{path}:{n}: no `id` (or `question_id`) field")
+        lines.setdefault(str(qid), []).append(n)
         if rec.get("skipped"):
             skipped[str(qid)] = (rec["skipped"].split(":")[0], rec["skipped"])
         else:
             answers[str(qid)] = rec.get("prediction", rec.get("text")) or ""
+    dup = [f"{i!r} (lines {', '.join(map(str, ns))})" for i, ns in lines.items() if len(ns) > 1]
+    if dup:
+        raise errors.UserError(f"{path}: duplicate ids: {', '.join(dup[:5])}" + (f" and {len(dup) - 5} more"
+                                                                                if len(dup) > 5 else ""))
     return answers, skipped
+
+
+def empty_golds(examples: list[Example]) -> dict:
+    """{id: ("empty_gold", detail)} for questions whose gold answer is empty. Nothing can match it, so
+    every answer would score as wrong: they are reported and left unscored, like skipped questions."""
+    return {e.id: ("empty_gold", "empty_gold: the gold answer is empty") for e in examples if not e.gold.strip()}
 
 
 def write_outputs(out_dir, task, examples, answers, skipped, settings) -> dict:
@@ -943,7 +955,8 @@ def run_rescore(args) -> int:
     """--predictions: score saved answers (ours or LLaVA's answer files) without a model."""
     examples = _task_examples(args)
     answers, skipped = read_predictions(args.predictions)
-    missing = [e.id for e in examples if e.id not in answers and e.id not in skipped]
+    empty = empty_golds(examples)
+    missing = [e.id for e in examples if e.id not in answers and e.id not in skipped and e.id not in empty]
     if missing:  # scored as empty answers (wrong), never silently left out
         print(f"warning: {len(missing)} questions have no prediction in {args.predictions} "
               f"(e.g. {missing[:3]}); they count as empty answers", file=sys.stderr)
@@ -977,7 +990,11 @@ def run_evaluate(args) -> int:
 
 
 def _report(args, examples, answers, skipped, settings) -> int:
-    summary = write_outputs(args.out, args.task, examples, answers, skipped, settings)
+    empty = empty_golds(examples)
+    if empty:
+        print(f"warning: {len(empty)} questions in {args.data} have an empty gold answer ({list(empty)[:5]}"
+              f"{' ...' if len(empty) > 5 else ''}); they are not scored", file=sys.stderr)
+    summary = write_outputs(args.out, args.task, examples, answers, {**skipped, **empty}, settings)
     print(format_table(args.task, summary))
     if "skipped" in summary:
         print(f"skipped (not scored): {summary['skipped']}")
