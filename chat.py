@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 import data
+import errors
 import eval as E
 import model
 
@@ -239,8 +240,8 @@ def terminal_lines(prompt=">>> "):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=COMMANDS)
+    p = errors.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=COMMANDS)
     p.add_argument("--model", required=True, help="our checkpoint, a llava-hf folder or an original LLaVA folder")
     p.add_argument("--image", help="an image to talk about (PNG, JPG, DICOM; a file or archive.zip:member)")
     p.add_argument("--vision", help="CLIP folder for an original LLaVA checkpoint without its vision tower")
@@ -251,7 +252,7 @@ def parse_args(argv=None):
     p.add_argument("--system", help="system prompt (default: the checkpoint's prompt policy)")
     p.add_argument("--pad-to-square", action=argparse.BooleanOptionalAction, default=None,
                    help="default: as the checkpoint was trained")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="per answer")
+    p.add_argument("--max-new-tokens", type=errors.at_least(1), default=256, help="per answer")
     E.add_sampling_flags(p)
     p.add_argument("--stats", action="store_true", help="after each answer, print tokens prefilled/generated and seconds")
     p.add_argument("--no-reuse-cache", action="store_true",
@@ -286,4 +287,4 @@ def main(argv=None, stdin=None, stdout=None, stderr=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.run(main)

@@ -14,19 +14,23 @@ Peak memory is the size of the loaded model, not twice it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import pickle
 from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+import errors
 
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the module: names the key and the file."""
+
+class CheckpointError(errors.UserError):
+    """A checkpoint that cannot be read or does not fit the module: names the file and the key."""
 
 
 def load_hf_config(folder: str | Path) -> dict:
@@ -49,7 +53,11 @@ def weight_files(path: str | Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index}: not a shard index (a JSON object with a weight_map): "
+                                      f"{type(e).__name__}: {e}") from None
             missing = [s for s in shards if not (path / s).is_file()]
             if missing:
                 raise FileNotFoundError(f"{index} lists shards that are not there: {missing}")
@@ -68,14 +76,46 @@ def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
     """Yield (key, tensor, file) one tensor at a time from a folder or file."""
     for file in weight_files(path):
         if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt", device="cpu") as f:
+            with open_safetensors(file) as f:
                 for key in f.keys():
                     yield key, f.get_tensor(key), file
         else:
-            # Legacy pickle checkpoints: weights_only refuses arbitrary code; mmap avoids a copy.
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            for key, tensor in state.items():
+            for key, tensor in load_bin(file).items():
                 yield key, tensor, file
+
+
+@contextlib.contextmanager
+def open_safetensors(file: Path):
+    """`safe_open`, with a damaged file named: safetensors' own error ("invalid header length") names none."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            yield f
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); truncated or damaged?") from None
+
+
+def load_bin(file: Path) -> dict:
+    """A legacy pickle checkpoint: weights_only refuses arbitrary code; mmap avoids a copy."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        # torch's message is paragraphs; keep the sentence that says what is wrong (for a refused
+        # pickle: "WeightsUnpickler error: Unsupported global: GLOBAL ...").
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        why = next((line for line in lines if "Unpickler error" in line), lines[0]).split(". ")[0]
+        raise CheckpointError(f"{file}: cannot be read as a weights-only torch checkpoint ({why})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def is_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in a float tensor. aminmax reads it once with no temporary (NaN propagates to
+    both ends): 10x faster than isfinite(t).all() on CPU, which allocates a bool per element."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def rename(key: str, key_map: dict[str, str]) -> str | None:
@@ -99,8 +139,9 @@ def read_state(path: str | Path, key_map: dict[str, str], *, ignore: tuple[str, 
                dtype: torch.dtype | None = None) -> State:
     """Stream the tensors of `path`, renamed by `key_map` (longest prefix wins), floats cast once.
 
-    Keys starting with a prefix in `ignore` are skipped; a key no prefix maps, or two keys mapping to
-    one name, are errors naming the key and the file.
+    Keys starting with a prefix in `ignore` are skipped; a key no prefix maps, two keys mapping to one
+    name, and NaN or Inf values (which load without complaint and turn every answer into "!!!!") are
+    errors naming the key and the file.
     """
     state = State()
     for key, tensor, file in iter_tensors(path):
@@ -111,7 +152,11 @@ def read_state(path: str | Path, key_map: dict[str, str], *, ignore: tuple[str, 
             raise CheckpointError(f"unexpected key {key!r} in {file}")
         if name in state:
             raise CheckpointError(f"key {name!r} appears twice (again in {file})")
-        state[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        cast = dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype
+        state[name] = tensor.to(dtype) if cast else tensor
+        if not is_finite(state[name]):
+            raise CheckpointError(f"{key!r} in {file} " + (f"overflows {dtype} (its values are finite in "
+                                  f"{tensor.dtype})" if cast and is_finite(tensor) else "holds NaN or Inf values"))
         state.origin[name] = (key, file)
     return state
 

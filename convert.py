@@ -50,12 +50,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 import checkpoint
 import clip
 import data
+import errors
 import formats
 import llama
 import lora
@@ -97,9 +97,9 @@ CHAT_TEMPLATES = {
 def chat_template(policy: data.PromptPolicy) -> str:
     """The processor's chat template for a prompt policy, its system prompt as the default."""
     if policy.template not in CHAT_TEMPLATES:
-        raise ValueError(f"no chat template is written for the {policy.template!r} prompt format (a "
-                         f"{'pretrain' if policy.template == 'caption' else 'text'}-stage checkpoint?); "
-                         f"known: {sorted(CHAT_TEMPLATES)}")
+        raise errors.UserError(f"no chat template is written for the {policy.template!r} prompt format (a "
+                               f"{'pretrain' if policy.template == 'caption' else 'text'}-stage checkpoint?); "
+                               f"known: {sorted(CHAT_TEMPLATES)}")
     return CHAT_TEMPLATES[policy.template].replace("DEFAULT", json.dumps(policy.system, ensure_ascii=False))
 
 
@@ -109,7 +109,7 @@ def parse_size(s: str) -> int:
     """'2GB' -> 2 * 10**9 (decimal units, like transformers' max_shard_size); a plain number is bytes."""
     hit = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", s.upper())
     if hit is None:
-        raise ValueError(f"cannot parse size {s!r}: use e.g. 2GB, 500MB or a number of bytes")
+        raise errors.UserError(f"cannot parse size {s!r}: use e.g. 2GB, 500MB or a number of bytes")
     return int(float(hit.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}[hit.group(2)])
 
 
@@ -209,14 +209,14 @@ def add_tokens(tok_dir: Path, m: model.DoctorSun, template: str = "llama3"):
     tok = Tokenizer.from_file(str(path))
     lacking = [t for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>") if tok.token_to_id(t) is None]
     if lacking and template == "llama3":
-        raise ValueError(f"{path} is not a Llama-3 tokenizer (no {lacking}), but the checkpoint's prompt "
-                         f"policy is the Llama-3 chat template")
+        raise errors.UserError(f"{path} is not a Llama-3 tokenizer (no {lacking}), but the checkpoint's prompt "
+                               f"policy is the Llama-3 chat template")
     new = [t for t in (IMAGE_TOKEN, PAD_TOKEN) if tok.token_to_id(t) is None]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
     image_id, pad_id = tok.token_to_id(IMAGE_TOKEN), tok.token_to_id(PAD_TOKEN)
     if m.image_token_id >= 0 and m.image_token_id != image_id:  # a model imported from llava-hf
-        raise ValueError(f"the checkpoint's image token id is {m.image_token_id} but {path} gives "
-                         f"{IMAGE_TOKEN!r} the id {image_id}")
+        raise errors.UserError(f"the checkpoint's image token id is {m.image_token_id} but {path} gives "
+                               f"{IMAGE_TOKEN!r} the id {image_id}")
     rows = max(m.config.llm.vocab_size, tok.get_vocab_size(with_added_tokens=True), image_id + 1, pad_id + 1)
     return tok, image_id, pad_id, rows
 
@@ -233,8 +233,8 @@ def resize_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
 def to_llava_hf(m: model.DoctorSun, tok_dir: Path, out: Path, *, dtype: torch.dtype,
                 policy: data.PromptPolicy, pad_vocab_to: int = 1, max_shard_bytes: int | None = None) -> dict:
     if m.config.projector_type != "mlp2x_gelu":
-        raise ValueError(f"transformers' LLaVA has a 2-layer GELU projector; this model's is "
-                         f"{m.config.projector_type!r} (use --to llava)")
+        raise errors.UserError(f"transformers' LLaVA has a 2-layer GELU projector; this model's is "
+                               f"{m.config.projector_type!r} (use --to llava)")
     template = chat_template(policy)
     tok, image_id, pad_id, rows = add_tokens(tok_dir, m, policy.template)
     rows = math.ceil(rows / pad_vocab_to) * pad_vocab_to
@@ -327,8 +327,8 @@ def from_meta(src: Path, out: Path, *, dtype: torch.dtype | None, max_shard_byte
     cfg, state = formats.read_meta_llama(src, dtype)
     tok = data.tiktoken_tokenizer(tm)
     if tok.get_vocab_size(with_added_tokens=True) != cfg.vocab_size:
-        raise ValueError(f"{tm} has {tok.get_vocab_size(with_added_tokens=True)} ids but {src}/params.json "
-                         f"says vocab_size {cfg.vocab_size}: not this model's tokenizer")
+        raise errors.UserError(f"{tm} has {tok.get_vocab_size(with_added_tokens=True)} ids but {src}/params.json "
+                               f"says vocab_size {cfg.vocab_size}: not this model's tokenizer")
     dtype = dtype or state["embed_tokens.weight"].dtype  # as Meta shipped it (bf16)
     checkpoint.save_state(formats.export_state(state, llama.HF_KEY_MAP, dtype), out, max_shard_bytes=max_shard_bytes)
     write_json(out / "config.json", {**llama.config_to_hf(cfg), "dtype": str(dtype).removeprefix("torch.")})
@@ -394,8 +394,8 @@ def to_peft(src: Path, out: Path, final_out: Path, *, dtype: torch.dtype) -> dic
     written beside the adapter."""
     configs = {p: c for p, c in (checkpoint.load_hf_config(src).get("lora") or {}).items() if c}
     if not configs:
-        raise ValueError(f"{src / 'config.json'} records no LoRA adapter (\"lora\"): there is nothing to "
-                         f"write as peft adapters; --to llava-hf or --to llava write the whole model")
+        raise errors.UserError(f"{src / 'config.json'} records no LoRA adapter (\"lora\"): there is nothing to "
+                               f"write as peft adapters; --to llava-hf or --to llava write the whole model")
     m = model.from_pretrained(src, dtype=dtype, merge_lora=False)
     info = {}
     for part in ("vision", "llm"):
@@ -432,7 +432,7 @@ def tensor_dtypes(path: Path):
     """(key, dtype or None for a non-float) of every tensor of a weight folder, reading headers only."""
     for file in checkpoint.weight_files(path):
         if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt", device="cpu") as f:
+            with checkpoint.open_safetensors(file) as f:
                 for key in f.keys():
                     yield key, SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
         else:  # weights_only and memory-mapped (checkpoint.iter_tensors): no tensor data is read
@@ -518,6 +518,9 @@ def _convert_into(args: argparse.Namespace, tmp: Path, out: Path) -> dict:
     dtype = DTYPES[args.dtype] if args.dtype else source_dtype(from_sources(args, src))
     if args.src_format == "xtuner":
         fields, state = formats.read_xtuner(src, args.vision, args.llm, dtype)
+        for name, t in state.items():  # its adapters are merged in `dtype`, which can overflow
+            if not checkpoint.is_finite(t):
+                raise checkpoint.CheckpointError(f"refusing to write {name!r}: it holds NaN or Inf in {dtype}")
         m = model.from_state(model.ModelConfig(**fields), state, source=src)
         tok_src = next((d for d in (src / "llm", args.llm and Path(args.llm), src)
                         if d and any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))), None)
@@ -525,7 +528,7 @@ def _convert_into(args: argparse.Namespace, tmp: Path, out: Path) -> dict:
     else:
         kind = model.detect_format(src)
         if kind != args.src_format:
-            raise ValueError(f"{src} is a {kind!r} checkpoint, not {args.src_format!r}")
+            raise errors.UserError(f"{src} is a {kind!r} checkpoint, not {args.src_format!r}")
         m = model.from_pretrained(src, dtype=dtype, vision=args.vision)
         tok_src = src
         policy, _ = data.prompt_policy(src)
@@ -545,8 +548,8 @@ def xtuner_policy(tok_dir: Path | None) -> data.PromptPolicy:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = errors.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--to", choices=["llava-hf", "llava", "peft", "clip"], help="export one of our checkpoints")
     way.add_argument("--from", dest="src_format", choices=["llava-hf", "llava", "xtuner", "meta"],
@@ -559,10 +562,10 @@ def main(argv=None) -> dict:
                         "for --to clip, the adapters' for --to peft, the source's for --from)")
     p.add_argument("--tokenizer", help="--to llava-hf/llava: tokenizer folder (default: the checkpoint's "
                                        "recorded one, else the checkpoint folder)")
-    p.add_argument("--pad-vocab-to", type=int, metavar="N",
+    p.add_argument("--pad-vocab-to", type=errors.at_least(1), metavar="N",
                    help="--to llava-hf: round the embedding rows up to a multiple of N (e.g. 64)")
-    p.add_argument("--max-shard-size", help="--to llava-hf/llava, --from meta: shard cap, e.g. 2GB (default: "
-                                            "2GB for llava, 5GB otherwise)")
+    p.add_argument("--max-shard-size", type=errors.checked_by(parse_size),
+                   help="--to llava-hf/llava, --from meta: shard cap, e.g. 2GB (default: 2GB for llava, 5GB otherwise)")
     p.add_argument("--image-aspect-ratio", choices=["pad", "square"],
                    help="--to llava-hf/llava: pad images to a square before resizing (default: as the "
                         "checkpoint trained)")
@@ -583,12 +586,10 @@ def main(argv=None) -> dict:
                     f"{'--to ' + args.to if args.to else '--from ' + args.src_format}")
     if args.pad_vocab_to is None:
         args.pad_vocab_to = 1
-    elif args.pad_vocab_to < 1:
-        p.error("--pad-vocab-to must be >= 1")
     info = convert(args)
     print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     return info
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

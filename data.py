@@ -10,7 +10,6 @@ generation batches) and knows nothing about the model except how many positions 
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import codecs
 import collections
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import errors
 from checkpoint import load_hf_config
 from special_ids import IGNORE_INDEX, IMAGE_TOKEN_ID  # noqa: F401  (re-exported: data.IGNORE_INDEX)
 
@@ -51,7 +51,7 @@ MAX_IMAGE_PIXELS = 64_000_000  # width x height: 192 MB as RGB (PIL's own bomb w
 MAX_IMAGE_BYTES = 512 * 2 ** 20  # a file or zip member read whole (DICOM, zip members), or a decoded DICOM volume
 
 
-class SampleError(ValueError):
+class SampleError(errors.UserError):
     """A bad sample. `.reason` is a short stable key (skip counts are keyed by it); the message
     says which sample and why. Reasons: missing_image, corrupt_image, image_too_large, unsafe_path,
     empty_answer, multiple_images, image_without_token, token_without_image, too_long_no_labels,
@@ -376,11 +376,11 @@ def _tiktoken_bpe(path: str, _mtime_ns: int, _size: int) -> tuple[dict[str, int]
             if not line.strip():
                 continue
             if _TIKTOKEN_LINE.fullmatch(line) is None:
-                raise ValueError(f"{path}:{n}: not a tiktoken line 'base64-token rank': {line[:60]!r}")
+                raise errors.UserError(f"{path}:{n}: not a tiktoken line 'base64-token rank': {line[:60]!r}")
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
     if sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError(f"{path}: ranks are not 0..{len(ranks) - 1} (duplicates or gaps)")
+        raise errors.UserError(f"{path}: ranks are not 0..{len(ranks) - 1} (duplicates or gaps)")
     char = _byte_chars()
     text = {t: "".join(char[b] for b in t) for t in ranks}
     merges = []
@@ -664,7 +664,7 @@ def _render(fmt: str, tok: Tokenizer, **fields) -> list:
         elif part in ("{bos}", "{eos}") or part.startswith("<|"):
             i = tok.bos_id if part == "{bos}" else tok.eos_id if part == "{eos}" else tok.token_to_id(part)
             if i is None:
-                raise ValueError(f"tokenizer in {tok.folder} has no {part} token, which this template needs")
+                raise errors.UserError(f"tokenizer in {tok.folder} has no {part} token, which this template needs")
             items.append(("id", i))
         elif part:
             items.append(("text", part))
@@ -907,13 +907,15 @@ def parse_data_spec(spec: str) -> list[DataSource]:
             try:
                 ratio, path = float(tail), head
             except ValueError:
-                raise ValueError(f"data spec {item!r}: ratio {tail!r} is not a number "
-                                 "(file[:ratio][@image_root])") from None
-        if not path or not ratio >= 0:
-            raise ValueError(f"data spec {item!r}: need file[:ratio][@image_root] with ratio >= 0")
+                raise errors.UserError(f"data spec {item!r}: ratio {tail!r} is not a number "
+                                       "(file[:ratio][@image_root])") from None
+        if not path:
+            raise errors.UserError(f"data spec {item!r}: no file (file[:ratio][@image_root])")
+        if not 0 < ratio < math.inf:  # a ratio of 0 picks no record: an empty source, or an empty run
+            raise errors.UserError(f"data spec {item!r}: ratio must be > 0 and finite (file[:ratio][@image_root])")
         out.append(DataSource(path, ratio, images or None))
     if not out:
-        raise ValueError(f"empty data spec {spec!r}")
+        raise errors.UserError(f"empty data spec {spec!r}")
     return out
 
 
@@ -941,13 +943,13 @@ def read_records(path, *, bad_lines: str = "keep", allow_object: bool = False) -
         records = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason}: byte {raw[e.start]:#04x} at offset "
+        raise errors.UserError(f"{path}:{line}: not UTF-8 text ({e.reason}: byte {raw[e.start]:#04x} at offset "
                          f"{e.start})") from None
     except json.JSONDecodeError as e:
         hint = " (one record per line? name it .jsonl)" if e.msg == "Extra data" else ""
-        raise ValueError(f"{path}: not valid JSON: {e}{hint}") from None
+        raise errors.UserError(f"{path}: not valid JSON: {e}{hint}") from None
     if not isinstance(records, list) and not (allow_object and isinstance(records, dict)):
-        raise ValueError(f"{path}: expected a JSON list of records (LLaVA format), got {type(records).__name__}")
+        raise errors.UserError(f"{path}: expected a JSON list of records (LLaVA format), got {type(records).__name__}")
     return records
 
 
@@ -961,7 +963,7 @@ def _parse_line(line: bytes, n: int, path: str, bad_lines: str):
         return _BadLine(f"line {n}: {problem}")
     except json.JSONDecodeError as e:
         if bad_lines == "raise":
-            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+            raise errors.UserError(f"{path}:{n}: not valid JSON ({e})") from None
         return _BadLine(f"line {n}: invalid JSON: {e}")
 
 
@@ -1378,7 +1380,7 @@ def check(data, images=None, tokenizer=None, *, template="llama3", system=None, 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Doctor Sun data tools")
+    ap = errors.ArgumentParser(description="Doctor Sun data tools")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="validate a LLaVA-format data file and its images; exit 1 if any sample is bad")
     c.add_argument("--data", required=True, help="LLaVA JSON list or JSONL")
@@ -1386,8 +1388,8 @@ def main(argv=None) -> int:
     c.add_argument("--tokenizer", help="model folder with tokenizer.json or tokenizer.model")
     c.add_argument("--template", default="llama3", choices=sorted(TEMPLATES))
     c.add_argument("--system", default=None)
-    c.add_argument("--max-length", type=int, default=None)
-    c.add_argument("--num-image-tokens", type=int, default=576)
+    c.add_argument("--max-length", type=errors.at_least(1), default=None)
+    c.add_argument("--num-image-tokens", type=errors.at_least(1), default=576)
     c.add_argument("--no-decode", action="store_true", help="only check that images exist (fast)")
     c.add_argument("--allow-outside-image-root", action="store_true",
                    help="accept absolute and ../ image paths, and links leading out of the image folder")
@@ -1399,4 +1401,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.run(main)

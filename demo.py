@@ -26,7 +26,6 @@ patient-left convention, so that anyone can check an answer by looking at the PN
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import json
@@ -41,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 import data
+import errors
 
 VERSION = 1  # the demo format; the marker also records a hash of this file, so any edit rebuilds
 DEFAULT_ROOT = Path(__file__).resolve().parent / "demo_data"  # gitignored
@@ -730,7 +730,8 @@ def build(root=DEFAULT_ROOT, *, seed=0, n_train_images=1200, n_test_images=160, 
     config = {"version": VERSION, "generator": _generator(), "seed": seed, "n_train_images": n_train_images,
               "n_test_images": n_test_images, "dicom": _has_pydicom()}
     if n_train_images < 2 or n_test_images < 2:
-        raise ValueError(f"demo: need at least 2 train and 2 test images, got {n_train_images} and {n_test_images}")
+        raise errors.UserError(f"demo: need at least 2 train and 2 test images, got {n_train_images} and "
+                               f"{n_test_images}")
     if not force and _read_marker(root) == config:
         return root
     if root.exists() and _read_marker(root) is None and any(root.iterdir()):
@@ -777,11 +778,11 @@ def ensure(root=DEFAULT_ROOT) -> Path:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = errors.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=1200, help="synthetic training images")
-    p.add_argument("--n-test", type=int, default=160, help="held-out test images (2 questions each)")
+    p.add_argument("--n-train", type=errors.at_least(2), default=1200, help="synthetic training images")
+    p.add_argument("--n-test", type=errors.at_least(2), default=160, help="held-out test images (2 questions each)")
     p.add_argument("--force", action="store_true", help="rebuild even if an identical demo exists")
     a = p.parse_args(argv)
     t0 = time.time()
@@ -791,4 +792,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

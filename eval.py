@@ -37,6 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
+import errors
 
 # ==============================================================================================
 # 1. Task loaders
@@ -102,7 +103,7 @@ def choice_example(id, question, options, gold, lang=None, image=None, kind="") 
     gold = "".join(sorted(re.sub(r"[^A-Za-z]", "", str(gold)).upper()))
     question = str(question).strip()
     if not gold or any(g not in options for g in gold):
-        raise ValueError(f"question {id}: answer {gold!r} is not among the options {sorted(options)}")
+        raise errors.UserError(f"question {id}: answer {gold!r} is not among the options {sorted(options)}")
     lang = lang or detect_lang(question)
     prompt = choice_prompt(f"{kind}{question}", options, lang)
     return Example(id=str(id), question=question, gold=gold, image=image, lang=lang, qtype="choice",
@@ -131,7 +132,7 @@ def _field(rec: dict, *names, where: str):
     for n in names:
         if n in rec and rec[n] is not None:
             return rec[n]
-    raise ValueError(f"{where}: no field {' / '.join(map(repr, names))} (has {sorted(rec)})")
+    raise errors.UserError(f"{where}: no field {' / '.join(map(repr, names))} (has {sorted(rec)})")
 
 
 def _image_root(path: Path, images: str | None, *candidates: str) -> Path:
@@ -217,7 +218,7 @@ def load_vqa(path: Path, images=None, hint=False) -> list[Example]:
             q = next((t["value"] for t in conv if t.get("from") == "human"), None)
             a = next((t["value"] for t in conv if t.get("from") == "gpt"), None)
             if q is None or a is None:
-                raise ValueError(f"{where}: conversations need a human and a gpt turn")
+                raise errors.UserError(f"{where}: conversations need a human and a gpt turn")
         q = str(q).replace(data.IMAGE_TOKEN, "").strip()
         img = r.get("image")
         out.append(vqa_example(r.get("id", r.get("question_id", n)), q, a,
@@ -258,7 +259,7 @@ def load_medqa(path: Path, images=None) -> list[Example]:
             opts = {o["key"]: o["value"] for o in opts}
         gold = r.get("answer_idx") or next((k for k, v in opts.items() if v == r.get("answer")), None)
         if gold is None:
-            raise ValueError(f"{where}: no answer_idx and the answer matches no option")
+            raise errors.UserError(f"{where}: no answer_idx and the answer matches no option")
         out.append(choice_example(r.get("id", n), _field(r, "question", where=where), opts, gold))
     return out
 
@@ -274,7 +275,7 @@ def load_pubmedqa(path: Path, images=None) -> list[Example]:
     for pmid in (truth if truth is not None else records):
         where = f"{path} entry {pmid}"
         if pmid not in records:
-            raise ValueError(f"{truth_file} names PMID {pmid}, which {path} lacks")
+            raise errors.UserError(f"{truth_file} names PMID {pmid}, which {path} lacks")
         r = records[pmid]
         gold = truth[pmid] if truth is not None else _field(r, "final_decision", where=where)
         context = " ".join(_field(r, "CONTEXTS", where=where))
@@ -297,7 +298,7 @@ def load_cmb(path: Path, images=None, answers=None) -> list[Example]:
         id_ = str(r.get("id", n))
         gold = r.get("answer") or key.get(id_)
         if not gold:
-            raise ValueError(f"{where}: no answer (inline or in --answers) for id {id_}")
+            raise errors.UserError(f"{where}: no answer (inline or in --answers) for id {id_}")
         kind = f"（{r['question_type']}）" if r.get("question_type") else ""
         out.append(choice_example(id_, _field(r, "question", where=where),
                                   _field(r, "option", "options", where=where), gold, "zh", kind=kind))
@@ -348,13 +349,13 @@ def load_task(task: str, path, images=None, *, lang=None, limit=None, hint=None,
         kw["split"] = split
     if answers is not None:
         if task != "cmb":
-            raise ValueError("--answers is only used by the cmb task")
+            raise errors.UserError("--answers is only used by the cmb task")
         kw["answers"] = answers
     examples = TASKS[task](path, images, **kw)
     seen = Counter(e.id for e in examples)
     dup = [i for i, c in seen.items() if c > 1]
     if dup:
-        raise ValueError(f"{path}: duplicate question ids {dup[:5]} (ids key predictions.jsonl)")
+        raise errors.UserError(f"{path}: duplicate question ids {dup[:5]} (ids key predictions.jsonl)")
     if lang:
         examples = [e for e in examples if e.lang == lang]
     return examples[:limit] if limit else examples
@@ -797,17 +798,29 @@ def ask(m, tok, question: str, image=None, *, template="llama3", system="", pad_
 def read_predictions(path) -> tuple[dict[str, str], dict]:
     """({id: prediction}, {id: (reason, detail)}) from JSONL: ours (`id`, `prediction`, and
     `skipped` for questions whose image failed: they stay unscored, as in the original run) or
-    LLaVA's answer files (`question_id`, `text`)."""
-    answers, skipped = {}, {}
+    LLaVA's answer files (`question_id`, `text`). An id on two lines is an error: which answer
+    counts would be a guess."""
+    answers, skipped, lines = {}, {}, {}
     for n, rec in enumerate(data.read_records(path, bad_lines="raise"), 1):
-        qid = rec.get("id", rec.get("question_id"))
+        qid = rec.get("id", rec.get("question_id")) if isinstance(rec, dict) else None
         if qid is None:
-            raise ValueError(f"{path}:{n}: no `id` (or `question_id`) field")
+            raise errors.UserError(f"{path}:{n}: no `id` (or `question_id`) field")
+        lines.setdefault(str(qid), []).append(n)
         if rec.get("skipped"):
             skipped[str(qid)] = (rec["skipped"].split(":")[0], rec["skipped"])
         else:
             answers[str(qid)] = rec.get("prediction", rec.get("text")) or ""
+    dup = [f"{i!r} (lines {', '.join(map(str, ns))})" for i, ns in lines.items() if len(ns) > 1]
+    if dup:
+        raise errors.UserError(f"{path}: duplicate ids: {', '.join(dup[:5])}" + (f" and {len(dup) - 5} more"
+                                                                                if len(dup) > 5 else ""))
     return answers, skipped
+
+
+def empty_golds(examples: list[Example]) -> dict:
+    """{id: ("empty_gold", detail)} for questions whose gold answer is empty. Nothing can match it, so
+    every answer would score as wrong: they are reported and left unscored, like skipped questions."""
+    return {e.id: ("empty_gold", "empty_gold: the gold answer is empty") for e in examples if not e.gold.strip()}
 
 
 def write_outputs(out_dir, task, examples, answers, skipped, settings) -> dict:
@@ -833,7 +846,7 @@ def write_outputs(out_dir, task, examples, answers, skipped, settings) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = errors.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to evaluate")
     g.add_argument("--task", choices=sorted(TASKS), help="benchmark format of --data")
     g.add_argument("--data", help="the task's file (or parquet folder)")
@@ -844,7 +857,7 @@ def parse_args(argv=None):
     g.add_argument("--answers", help="cmb: answer-key file (list of {id, answer})")
     g.add_argument("--split", default="test", choices=["test", "all"], help="vqa-rad JSON: test questions only")
     g.add_argument("--lang", choices=["en", "zh"], help="keep only questions in this language")
-    g.add_argument("--limit", type=int, help="first N questions only, for a quick look")
+    g.add_argument("--limit", type=errors.at_least(1), help="first N questions only, for a quick look")
     g.add_argument("--predictions", help="rescore this JSONL ({id, prediction} per line); loads no model")
     g.add_argument("--out", help="write predictions.jsonl and summary.json here")
     g = p.add_argument_group("model")
@@ -865,10 +878,10 @@ def parse_args(argv=None):
                    help="default: as the checkpoint was trained")
     g.add_argument("--blank-images", action="store_true",
                    help="replace every image by a blank (CLIP-mean colour) one: how much do answers use the image?")
-    g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--max-new-tokens", type=int, help="default 64 (256 for caption)")
+    g.add_argument("--batch-size", type=errors.at_least(1), default=16)
+    g.add_argument("--max-new-tokens", type=errors.at_least(1), help="default 64 (256 for caption)")
     add_sampling_flags(g)
-    g.add_argument("--workers", type=int, default=2, help="DataLoader workers preprocessing images")
+    g.add_argument("--workers", type=errors.at_least(0), default=2, help="DataLoader workers preprocessing images")
     g = p.add_argument_group("one question")
     g.add_argument("--image", help="an image (DICOM, PNG, JPG ...) to ask --question about")
     g.add_argument("--question", help="ask this and stream the answer")
@@ -927,10 +940,10 @@ def load_model(args):
 def add_sampling_flags(g) -> None:
     """Decoding flags, as the seed's evaluation has them; chat.py takes the same ones."""
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0,
+    g.add_argument("--temperature", type=errors.at_least(0.0, float), default=1.0)
+    g.add_argument("--top-p", type=errors.between(0, 1), default=1.0)
+    g.add_argument("--top-k", type=errors.at_least(0), default=0, help="0: no top-k cut")
+    g.add_argument("--repetition-penalty", type=errors.above(0), default=1.0,
                    help="> 1 discourages tokens already in the prompt or answer (transformers' rule)")
     g.add_argument("--seed", type=int, default=0)
 
@@ -960,7 +973,8 @@ def run_rescore(args) -> int:
     """--predictions: score saved answers (ours or LLaVA's answer files) without a model."""
     examples = _task_examples(args)
     answers, skipped = read_predictions(args.predictions)
-    missing = [e.id for e in examples if e.id not in answers and e.id not in skipped]
+    empty = empty_golds(examples)
+    missing = [e.id for e in examples if e.id not in answers and e.id not in skipped and e.id not in empty]
     if missing:  # scored as empty answers (wrong), never silently left out
         print(f"warning: {len(missing)} questions have no prediction in {args.predictions} "
               f"(e.g. {missing[:3]}); they count as empty answers", file=sys.stderr)
@@ -995,7 +1009,11 @@ def run_evaluate(args) -> int:
 
 
 def _report(args, examples, answers, skipped, settings) -> int:
-    summary = write_outputs(args.out, args.task, examples, answers, skipped, settings)
+    empty = empty_golds(examples)
+    if empty:
+        print(f"warning: {len(empty)} questions in {args.data} have an empty gold answer ({list(empty)[:5]}"
+              f"{' ...' if len(empty) > 5 else ''}); they are not scored", file=sys.stderr)
+    summary = write_outputs(args.out, args.task, examples, answers, {**skipped, **empty}, settings)
     print(format_table(args.task, summary))
     if "skipped" in summary:
         print(f"skipped (not scored): {summary['skipped']}")
@@ -1013,4 +1031,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.run(main)

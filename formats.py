@@ -28,6 +28,7 @@ from safetensors import safe_open
 
 import checkpoint
 import clip
+import errors
 import llama
 import lora
 
@@ -90,7 +91,7 @@ def read(folder: str | Path, dtype: torch.dtype, *, vision: str | Path | None = 
         return read_llava_hf(Path(folder), dtype)
     if kind == "llava":
         return read_llava(Path(folder), dtype, vision)
-    raise ValueError(f"{folder} is neither a transformers LLaVA nor an original LLaVA folder")
+    raise errors.UserError(f"{folder} is neither a transformers LLaVA nor an original LLaVA folder")
 
 
 # ---- reading -------------------------------------------------------------------------------------------
@@ -98,17 +99,17 @@ def read(folder: str | Path, dtype: torch.dtype, *, vision: str | Path | None = 
 def llava_hf_config(hf: dict, where: str | Path = "config.json") -> dict:
     """A LlavaConfig dict -> ModelConfig fields."""
     if hf.get("projector_hidden_act", "gelu") != "gelu":
-        raise ValueError(f"{where}: projector_hidden_act {hf['projector_hidden_act']!r} is not supported")
+        raise errors.UserError(f"{where}: projector_hidden_act {hf['projector_hidden_act']!r} is not supported")
     if not hf.get("multimodal_projector_bias", True):
-        raise ValueError(f"{where}: a projector without bias is not supported")
+        raise errors.UserError(f"{where}: a projector without bias is not supported")
     layer = hf.get("vision_feature_layer", -2)
     if not isinstance(layer, int):
-        raise ValueError(f"vision_feature_layer {layer!r}: only a single layer is supported")
+        raise errors.UserError(f"vision_feature_layer {layer!r}: only a single layer is supported")
     strategy = hf.get("vision_feature_select_strategy", "default")
     if strategy not in STRATEGY:
-        raise ValueError(f"vision_feature_select_strategy {strategy!r} not in {sorted(STRATEGY)}")
+        raise errors.UserError(f"vision_feature_select_strategy {strategy!r} not in {sorted(STRATEGY)}")
     if not isinstance(hf.get("vision_config"), dict) or not isinstance(hf.get("text_config"), dict):
-        raise ValueError(f"{where}: a LLaVA config needs vision_config and text_config dicts")
+        raise errors.UserError(f"{where}: a LLaVA config needs vision_config and text_config dicts")
     vision = clip.config_from_hf(hf["vision_config"], select_layer=layer, select_feature=STRATEGY[strategy])
     return dict(vision=vision, llm=llama.config_from_hf(hf["text_config"]), projector_type="mlp2x_gelu",
                 image_token_id=int(hf.get("image_token_index", hf.get("image_token_id"))))
@@ -134,8 +135,8 @@ def llava_vision_config(hf: dict, folder: Path, vision: str | Path | None) -> tu
     try:  # a hub name such as "openai/clip-vit-large-patch14-336": the matching preset
         return clip.ClipConfig.from_name(tower.rstrip("/").split("/")[-1], **select), tower
     except (KeyError, ValueError):
-        raise ValueError(f"{folder}: mm_vision_tower {tower!r} is neither a local CLIP folder nor "
-                         f"a known preset; pass vision=PATH") from None
+        raise errors.UserError(f"{folder}: mm_vision_tower {tower!r} is neither a local CLIP folder nor "
+                               f"a known preset; pass vision=PATH") from None
 
 
 def read_llava(folder: Path, dtype: torch.dtype, vision: str | Path | None = None):
@@ -148,8 +149,8 @@ def read_llava(folder: Path, dtype: torch.dtype, vision: str | Path | None = Non
     state = checkpoint.read_state(folder, LLAVA_KEYS, ignore=ignore, dtype=dtype)
     if not any(k.startswith("vision.") for k in state):
         if not (tower and Path(tower).is_dir()):
-            raise ValueError(f"{folder} holds no vision tower weights and mm_vision_tower "
-                             f"{tower!r} is not a local folder; pass vision=PATH")
+            raise errors.UserError(f"{folder} holds no vision tower weights and mm_vision_tower "
+                                   f"{tower!r} is not a local folder; pass vision=PATH")
         _merge(state, checkpoint.read_state(tower, _under("vision.", clip.HF_KEY_MAP),
                                             ignore=clip.HF_IGNORE, dtype=dtype))
     return cfg, state
@@ -163,24 +164,24 @@ def read_xtuner(src: Path, vision: str | Path | None, llm: str | Path | None, dt
     peft LoRA adapters are merged into the weights they adapt."""
     vdir = src / "visual_encoder" if (src / "visual_encoder").is_dir() else vision  # a fully trained ViT
     if vdir is None:
-        raise ValueError(f"{src} has no visual_encoder/ folder: the vision tower is missing; pass "
-                         f"--vision CLIP_DIR (the CLIP that training started from)")
+        raise errors.UserError(f"{src} has no visual_encoder/ folder: the vision tower is missing; pass "
+                               f"--vision CLIP_DIR (the CLIP that training started from)")
     adapter = src / "llm_adapter"
     if (src / "llm").is_dir():  # the LLM trained fully
         ldir = src / "llm"
     elif adapter.is_dir() or llm:  # LoRA on the LLM, or a frozen LLM (pretrain stage)
         ldir = llm or json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not (ldir and Path(ldir).is_dir()):
-            raise ValueError(f"{adapter} is a LoRA adapter and its base {ldir!r} is not a local "
-                             f"folder: pass --llm BASE_LLM_DIR")
+            raise errors.UserError(f"{adapter} is a LoRA adapter and its base {ldir!r} is not a local "
+                                   f"folder: pass --llm BASE_LLM_DIR")
     else:
-        raise ValueError(f"{src} has neither llm/ nor llm_adapter/: pass --llm BASE_LLM_DIR (the frozen LLM)")
+        raise errors.UserError(f"{src} has neither llm/ nor llm_adapter/: pass --llm BASE_LLM_DIR (the frozen LLM)")
 
     pdir = src / "projector"
     pcfg = checkpoint.load_hf_config(pdir)  # xtuner's ProjectorConfig
     if pcfg.get("hidden_act", "gelu") != "gelu" or not pcfg.get("bias", True):
-        raise ValueError(f"{pdir}/config.json: only a GELU projector with biases is supported, got "
-                         f"hidden_act={pcfg.get('hidden_act')!r}, bias={pcfg.get('bias')!r}")
+        raise errors.UserError(f"{pdir}/config.json: only a GELU projector with biases is supported, got "
+                               f"hidden_act={pcfg.get('hidden_act')!r}, bias={pcfg.get('bias')!r}")
     lcfg = llama.config_from_hf(checkpoint.load_hf_config(ldir))
     cfg = dict(vision=clip.config_from_hf(checkpoint.load_hf_config(vdir)), llm=lcfg,
                projector_type=f"mlp{pcfg.get('depth', 2)}x_gelu")
@@ -210,8 +211,8 @@ def merge_peft_adapter(state: checkpoint.State, folder: Path, key_map: dict[str,
     if acfg.get("bias", "none") != "none":
         unsupported["bias"] = acfg["bias"]
     if acfg.get("peft_type", "LORA") != "LORA" or unsupported:
-        raise ValueError(f"{cfg_path}: only plain LoRA adapters are supported (peft_type "
-                         f"{acfg.get('peft_type')!r}, unsupported settings {unsupported})")
+        raise errors.UserError(f"{cfg_path}: only plain LoRA adapters are supported (peft_type "
+                               f"{acfg.get('peft_type')!r}, unsupported settings {unsupported})")
     files = [folder / f for f in ("adapter_model.safetensors", "adapter_model.bin") if (folder / f).is_file()]
     if not files:
         raise FileNotFoundError(f"no adapter_model.safetensors or adapter_model.bin in {folder}")
@@ -223,6 +224,8 @@ def merge_peft_adapter(state: checkpoint.State, folder: Path, key_map: dict[str,
         if weight is None or weight.dim() != 2:
             raise checkpoint.CheckpointError(f"unexpected key {key!r} in {file}: not a LoRA weight of a "
                                              f"linear layer")
+        if not checkpoint.is_finite(t):
+            raise checkpoint.CheckpointError(f"{key!r} in {file} holds NaN or Inf values")
         pairs.setdefault(name, {})[hit.group(2)] = t
     if not pairs:
         raise checkpoint.CheckpointError(f"{files[0]} holds no LoRA weights")
@@ -315,25 +318,25 @@ def openclip_config(cfg: dict, where: str | Path = OPENCLIP_CONFIG, **select) ->
     pre = cfg.get("preprocess_cfg") or {}
     for k, want in (("mean", OPENAI_MEAN), ("std", OPENAI_STD)):
         if k in pre and not torch.allclose(torch.tensor(pre[k], dtype=torch.float64), torch.tensor(want, dtype=torch.float64)):
-            raise ValueError(f"{where}: preprocess_cfg {k} {pre[k]} is not OpenAI CLIP's {list(want)}, "
-                             f"which our image pipeline normalises with")
+            raise errors.UserError(f"{where}: preprocess_cfg {k} {pre[k]} is not OpenAI CLIP's {list(want)}, "
+                                   f"which our image pipeline normalises with")
     cfg = cfg.get("model_cfg", cfg)
     v = cfg.get("vision_cfg")
     if not isinstance(v, dict):
-        raise ValueError(f"{where}: no vision_cfg dict (got {type(v).__name__})")
+        raise errors.UserError(f"{where}: no vision_cfg dict (got {type(v).__name__})")
     bad = {k: v[k] for k, default in OPENCLIP_UNSUPPORTED.items() if v.get(k, default) != default}
     if set(v.get("norm_kwargs") or {}) - {"eps"}:
         bad["norm_kwargs"] = v["norm_kwargs"]
     if not isinstance(v.get("layers", 12), int):
         bad["layers"] = v["layers"]  # a list of stage depths: open_clip's ModifiedResNet
     if bad:
-        raise ValueError(f"{where}: vision_cfg settings clip.py does not implement: {bad}")
+        raise errors.UserError(f"{where}: vision_cfg settings clip.py does not implement: {bad}")
     sizes = {}
     for k, default in (("image_size", 224), ("patch_size", 16)):
         x = v.get(k, default)
         if isinstance(x, (list, tuple)):
             if len(set(x)) != 1:
-                raise ValueError(f"{where}: non-square {k} {x} is not supported")
+                raise errors.UserError(f"{where}: non-square {k} {x} is not supported")
             x = x[0]
         sizes[k] = int(x)
     width = int(v.get("width", 768))
@@ -350,12 +353,12 @@ def openclip_config_from_shapes(shapes: dict[str, tuple], where: str | Path, **s
     heads = width / 64 and QuickGELU, as every OpenAI CLIP has."""
     if "visual.conv1.weight" not in shapes or "visual.positional_embedding" not in shapes:
         kind = "a ResNet CLIP" if "visual.layer1.0.conv1.weight" in shapes else "no CLIP ViT"
-        raise ValueError(f"{where}: {kind} (no visual.conv1.weight / visual.positional_embedding)")
+        raise errors.UserError(f"{where}: {kind} (no visual.conv1.weight / visual.positional_embedding)")
     width, channels, patch, _ = shapes["visual.conv1.weight"]
     positions = shapes["visual.positional_embedding"][0]
     grid = round((positions - 1) ** 0.5)
     if grid * grid + 1 != positions:
-        raise ValueError(f"{where}: visual.positional_embedding has {positions} rows, not 1 + a square grid")
+        raise errors.UserError(f"{where}: visual.positional_embedding has {positions} rows, not 1 + a square grid")
     layers = sum(k.startswith("visual.transformer.resblocks.") and k.endswith(".attn.in_proj_weight")
                  for k in shapes)
     mlp = shapes.get("visual.transformer.resblocks.0.mlp.c_fc.weight", (4 * width,))[0]
@@ -381,10 +384,10 @@ def _shapes(file: Path) -> dict[str, tuple]:
                 return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a JIT archive (OpenAI's released .pt) or a pickle with code is refused here
-        raise ValueError(f"{file}: not a safetensors file or a weights-only state dict ({e}); for OpenAI's "
-                         f"TorchScript .pt, save its state_dict() once") from None
+        raise errors.UserError(f"{file}: not a safetensors file or a weights-only state dict ({e}); for OpenAI's "
+                               f"TorchScript .pt, save its state_dict() once") from None
     if not isinstance(state, dict):
-        raise ValueError(f"{file}: holds a {type(state).__name__}, not a state dict")
+        raise errors.UserError(f"{file}: holds a {type(state).__name__}, not a state dict")
     return {k: tuple(t.shape) for k, t in state.items() if isinstance(t, torch.Tensor)}
 
 
@@ -444,7 +447,9 @@ def export_state(state_dict: dict[str, torch.Tensor], table: dict[str, str], dty
     """Our state dict under the foreign names of `table`, cast to `dtype`.
 
     A tied LM head is written once, as the embedding. Each name must map back through the table to
-    where it came from, or what we write would not be what we (and the other side) read.
+    where it came from, or what we write would not be what we (and the other side) read. NaN or Inf
+    is never written (the loader refuses it in the source; this catches what a LoRA merge or the cast
+    made of finite weights, e.g. past fp16's 65504).
     """
     writer = invert(table, skip)
     out = {}
@@ -455,6 +460,9 @@ def export_state(state_dict: dict[str, torch.Tensor], table: dict[str, str], dty
         if key is None or checkpoint.rename(key, table) != name:
             raise ValueError(f"{name!r} has no foreign name that reads back (got {key!r})")
         out[key] = t.to(dtype) if t.is_floating_point() else t
+        if not checkpoint.is_finite(out[key]):
+            raise checkpoint.CheckpointError(f"refusing to write {key!r} (our {name!r}): it holds NaN or Inf "
+                                             f"in {dtype}")
     return out
 
 
@@ -550,11 +558,11 @@ def meta_llama_config(params: dict, where: str | Path = "params.json") -> llama.
     unknown = sorted(set(params) - set(META_PARAMS) - set(META_REQUIRED) - set(META_RUNTIME))
     missing = [k for k in META_REQUIRED if k not in params]
     if unknown or missing:
-        raise ValueError(f"{where}: not a Llama 3 params.json we can read (unknown keys {unknown}, "
-                         f"missing {missing})")
+        raise errors.UserError(f"{where}: not a Llama 3 params.json we can read (unknown keys {unknown}, "
+                               f"missing {missing})")
     p = {**META_PARAMS, **params}
     if p["vocab_size"] <= META_NUM_SPECIAL:  # Llama 2's params.json says -1 (the size is the tokenizer's)
-        raise ValueError(f"{where}: vocab_size {p['vocab_size']} is not a Llama 3 vocabulary")
+        raise errors.UserError(f"{where}: vocab_size {p['vocab_size']} is not a Llama 3 vocabulary")
     base = p["vocab_size"] - META_NUM_SPECIAL
     return llama.LlamaConfig(
         vocab_size=p["vocab_size"], hidden_size=p["dim"], num_hidden_layers=p["n_layers"],
@@ -595,8 +603,8 @@ def read_meta_llama(folder: str | Path, dtype: torch.dtype | None = None):
     folder = Path(folder)
     shards = sorted(folder.glob("consolidated.*.pth"))
     if len(shards) != 1:
-        raise ValueError(f"{folder}: {len(shards)} model-parallel shards {[s.name for s in shards]}; only "
-                         f"single-file checkpoints (consolidated.00.pth, the 8B sizes) are supported")
+        raise errors.UserError(f"{folder}: {len(shards)} model-parallel shards {[s.name for s in shards]}; only "
+                               f"single-file checkpoints (consolidated.00.pth, the 8B sizes) are supported")
     cfg = meta_llama_config(meta_params(folder), folder / "params.json")
     state = checkpoint.read_state(shards[0], meta_keys(cfg.num_hidden_layers), dtype=dtype,
                                   ignore=("rope.freqs",))  # derived; some Meta savers kept it

@@ -355,9 +355,9 @@ def detect_format(path: str | Path) -> str:
     cfg = checkpoint.load_hf_config(path)
     kind = "ours" if cfg.get("format") == FORMAT else formats.detect(path)
     if kind is None:
-        raise ValueError(f"{path}: unknown checkpoint layout (config.json has model_type="
-                         f"{cfg.get('model_type')!r}; expected a doctor-sun checkpoint, a transformers "
-                         f"LLaVA folder or an original LLaVA folder)")
+        raise checkpoint.CheckpointError(f"{path}: unknown checkpoint layout (config.json has model_type="
+                                         f"{cfg.get('model_type')!r}; expected a doctor-sun checkpoint, a "
+                                         f"transformers LLaVA folder or an original LLaVA folder)")
     return kind
 
 
@@ -454,7 +454,7 @@ def _load_ours(path: Path, dtype, merge_lora: bool) -> DoctorSun:
     if base.get("init"):
         m = _load_ours(resolve_path(path, base["init"]), dtype, merge_lora=True)
         if m.config.to_dict() != cfg.to_dict():
-            raise ValueError(f"{path}: model config differs from its parent {base['init']}")
+            raise checkpoint.CheckpointError(f"{path}: model config differs from its parent {base['init']}")
     else:  # the frozen parts from their HF folders, the rest from this folder
         vision = llm = None
         if base.get("vision"):

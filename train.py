@@ -74,6 +74,7 @@ import torch
 
 import checkpoint
 import data
+import errors
 import lora
 import model
 import run_folder
@@ -124,71 +125,82 @@ DEMO_EVAL = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Values that make no sense (a batch of 0, a data ratio of 0, --keep 0) are refused here, naming
+    the flag (errors.py), not minutes later as a ZeroDivisionError or a deleted checkpoint."""
+    at_least, spec, espec = errors.at_least, errors.checked_by(data.parse_data_spec), errors.checked_by(eval_spec)
+    p = errors.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--stage", required=True, choices=list(STAGES))
     g = p.add_argument_group("model")
-    g.add_argument("--model-preset", default="tiny", help=f"one of {sorted(model.presets)}")
+    g.add_argument("--model-preset", default="tiny", choices=sorted(model.presets))
     g.add_argument("--vision", help="HF CLIP folder (CLIPVisionModel or CLIPModel)")
     g.add_argument("--llm", help="HF Llama folder (LlamaForCausalLM)")
     g.add_argument("--init", help="start from this checkpoint (a previous stage's out/final); "
                                   "default for the demo: runs/<previous stage>/final")
     g.add_argument("--tokenizer", help="default: --init's tokenizer, else --llm, else the demo's")
-    g.add_argument("--llm-lora", type=int, default=0, help="LoRA rank on the LLM (0: train it fully)")
-    g.add_argument("--vision-lora", type=int, default=None,
+    g.add_argument("--llm-lora", type=at_least(0), default=0, help="LoRA rank on the LLM (0: train it fully)")
+    g.add_argument("--vision-lora", type=at_least(0), default=None,
                    help="LoRA rank on every ViT linear (default: 64 in finetune, else 0)")
-    g.add_argument("--lora-alpha", type=float, default=16.0)
-    g.add_argument("--lora-dropout", type=float, default=0.05)
+    g.add_argument("--lora-alpha", type=errors.above(0), default=16.0)
+    g.add_argument("--lora-dropout", type=errors.between(0, 1), default=0.05)
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute LLM/ViT layers in backward")
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="file[:ratio][@image_root],... (data.parse_data_spec); default: the demo")
-    g.add_argument("--max-length", type=int, help="tokens per sample, image positions included")
+    g.add_argument("--data", type=spec,
+                   help="file[:ratio][@image_root],... (data.parse_data_spec); default: the demo")
+    g.add_argument("--max-length", type=at_least(1), help="tokens per sample, image positions included")
     g.add_argument("--template", choices=sorted(data.TEMPLATES),
                    help="chat template (default: the stage's; pretrain: llama3, or caption for the demo)")
     g.add_argument("--on-bad", default="skip", choices=["skip", "error"],
                    help="a bad sample: log it and train on another of its kind instead, or stop the run")
-    g.add_argument("--max-bad-fraction", type=fraction, default=0.1,
+    g.add_argument("--max-bad-fraction", type=errors.between(0, 1), default=0.1,
                    help="with --on-bad skip, stop when more than this fraction of the records loaded, or of the "
                         f"samples read so far (counted over at least {BAD_MIN_SAMPLES}), were bad; each is "
                         "listed in OUT/skipped.jsonl")
     g.add_argument("--allow-outside-image-root", action="store_true",
                    help="read absolute and ../ image paths, and links leading out of the image folder (trusted data)")
-    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--workers", type=at_least(0), default=0, help="DataLoader worker processes")
     g = p.add_argument_group("optimisation (defaults per stage: HPARAMS, DEMO_HPARAMS for the tiny preset)")
-    g.add_argument("--lr", type=float)
-    g.add_argument("--global-batch", type=int, help="samples per optimizer step, all ranks together")
-    g.add_argument("--micro-batch", type=int, help="samples per forward on one rank")
-    g.add_argument("--epochs", type=float)
-    g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs when > 0)")
-    g.add_argument("--warmup-ratio", type=float, default=0.03)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--lr", type=errors.above(0))
+    g.add_argument("--global-batch", type=at_least(1), help="samples per optimizer step, all ranks together")
+    g.add_argument("--micro-batch", type=at_least(1), help="samples per forward on one rank")
+    g.add_argument("--epochs", type=at_least(0, float))
+    g.add_argument("--max-steps", type=at_least(0), help="optimizer steps (overrides --epochs when > 0)")
+    g.add_argument("--warmup-ratio", type=errors.between(0, 1), default=0.03)
+    g.add_argument("--weight-decay", type=at_least(0, float), default=0.0)
+    g.add_argument("--grad-clip", type=at_least(0, float), default=1.0, help="0: no clipping")
     g.add_argument("--seed", type=int, default=1024)
     g.add_argument("--deepspeed", help="DeepSpeed JSON (default: configs/zero2.json on GPU, "
                                        "configs/zero0_cpu.json on CPU)")
     g = p.add_argument_group("evaluation during training (off unless given; on for the demo: DEMO_EVAL)")
-    g.add_argument("--eval-data", help="held-out records, file[:ratio][@image_root],... as --data, in the stage's "
-                                       "format and template: loss per supervised token ('none': off)")
-    g.add_argument("--eval-questions", help="records (same spec) whose first question, and image, the model "
-                                            "answers greedily at each evaluation ('none': off)")
-    g.add_argument("--eval-every", type=int, help="evaluate before the first step, every N steps and after the "
-                                                  "last (0: first and last only)")
-    g.add_argument("--eval-max-new-tokens", type=int, default=64)
+    g.add_argument("--eval-data", type=espec, help="held-out records, file[:ratio][@image_root],... as --data, in "
+                                                   "the stage's format and template: loss per supervised token "
+                                                   "('none': off)")
+    g.add_argument("--eval-questions", type=espec, help="records (same spec) whose first question, and image, the "
+                                                        "model answers greedily at each evaluation ('none': off)")
+    g.add_argument("--eval-every", type=at_least(0),
+                   help="evaluate before the first step, every N steps and after the last (0: first and last only)")
+    g.add_argument("--eval-max-new-tokens", type=at_least(1), default=64)
     g = p.add_argument_group("output")
     g.add_argument("--runs", default="runs", help="root of the default output folders")
     g.add_argument("--out", help="default: <runs>/<stage>")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    g.add_argument("--keep", type=int, default=2, help="step checkpoints kept (final is always kept)")
+    g.add_argument("--save-every", type=at_least(0), default=0, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--keep", type=at_least(1), default=2, help="step checkpoints kept (final is always kept)")
     g.add_argument("--save-full", action="store_true", help="save every weight, not only the trained ones")
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     g.add_argument("--overwrite", action="store_true",
                    help="--out holds another run: move it aside to <out>.old-<time> and start again")
     g.add_argument("--report-to", default="none", choices=["none", "tensorboard"],
                    help="also log to TensorBoard (event files in <out>/tensorboard, beside metrics.jsonl)")
-    g.add_argument("--peak-tflops", type=float, help="device peak for the MFU estimate (default: table/measured)")
+    g.add_argument("--peak-tflops", type=errors.above(0),
+                   help="device peak for the MFU estimate (default: table/measured)")
     g.add_argument("--dry-run", action="store_true", help="print sizes and memory estimates, then exit")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)
+
+
+def eval_spec(s: str) -> list[data.DataSource]:
+    """--eval-data/--eval-questions: a data spec, or 'none' (off)."""
+    return [] if s in ("", "none") else data.parse_data_spec(s)
 
 
 @dataclass(frozen=True)
@@ -283,8 +295,6 @@ def resolve_eval(args, demo_data: bool) -> dict:
             given = f"{root / table[k]}@{root}"
         out[k] = None if given in (None, "", "none") else given
     out["eval_every"] = table["eval_every"] if args.eval_every is None else args.eval_every
-    if out["eval_every"] < 0:
-        raise SystemExit(f"--eval-every {out['eval_every']}: must be >= 0")
     return out
 
 
@@ -417,7 +427,10 @@ def check_shared_out(out: Path, rank: int, world: int) -> None:
 
 def ds_config(run, world: int) -> dict:
     """The DeepSpeed JSON with the batch sizes and clipping from the command line (a conflict is an error)."""
-    cfg = json.loads(Path(run.deepspeed).read_text())
+    try:
+        cfg = json.loads(Path(run.deepspeed).read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--deepspeed {run.deepspeed}: not valid JSON ({e})") from None
     if run.global_batch % (run.micro_batch * world):
         raise SystemExit(f"--global-batch {run.global_batch} is not a multiple of micro-batch "
                          f"{run.micro_batch} x {world} processes")
@@ -905,6 +918,8 @@ def setup(run: RunConfig, rank: int, world: int, device, found: tuple[Path, dict
         raise SystemExit(f"tokenizer {run.tokenizer} has {tokenizer.vocab_size} ids, "
                          f"the LLM only {m.config.llm.vocab_size}")
     ds = make_dataset(run, m, tokenizer)
+    if not len(ds):  # nothing to draw a batch from (the sampler would divide by zero)
+        raise SystemExit(f"--data {run.data}: no records to train on")
     evals = make_eval_set(run, m, tokenizer)
     gas = dsc["gradient_accumulation_steps"]
     per_epoch = len(data.LengthGroupedSampler(ds.lengths, ds.is_image, run.global_batch)) // run.global_batch
@@ -1057,14 +1072,6 @@ def gather_counts(counts: collections.Counter, world: int) -> dict:
 # skew the data mixture noticeably. The fraction is taken over at least BAD_MIN_SAMPLES samples: one
 # bad sample among the first 4 read is not "25% bad".
 BAD_MIN_SAMPLES = 1000
-
-
-def fraction(text: str) -> float:
-    """argparse type: a number from 0 to 1."""
-    x = float(text)
-    if not 0 <= x <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a fraction from 0 to 1")
-    return x
 
 
 def too_many_bad(n_bad: int, n: int, max_fraction: float) -> bool:
@@ -1502,4 +1509,4 @@ def main(argv=None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

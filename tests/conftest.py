@@ -7,6 +7,9 @@ shows), test_lora.py. Also Meta's reference Llama saved in its native layout
 """
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,8 +35,19 @@ def tiny_model_config(vocab_size: int, **llm_overrides) -> model.ModelConfig:
     return model.ModelConfig(vision=clip.ClipConfig(**TINY_VISION),
                              llm=llama.LlamaConfig(vocab_size=vocab_size, **TINY_LLM, **llm_overrides))
 
+def cli_error(script: str, *args, timeout: int = 120) -> str:
+    """Run `python SCRIPT ARGS` from the repository root; it must stop as a user error does: exit status 2,
+    exactly one stderr line `error: ...`, no traceback. Returns that line, for the test to check what it names."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, script, *map(str, args)], cwd=Path(__file__).resolve().parents[1], env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    said = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(said) == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-3000:])
+    return said[0]
+
 
 # ---- Meta's reference Llama 3, saved in its native layout (test_formats.py, test_convert.py) ----------
+
 
 @contextlib.contextmanager
 def model_parallel_of_one():

@@ -26,7 +26,7 @@ import chat
 import data
 import eval as E
 import model
-from conftest import tiny_checkpoint
+from conftest import cli_error, tiny_checkpoint
 
 N_NEW = 10  # answer length: long enough to differ between prompts, short enough for CPU
 EN, ZH = "Is there a lesion in this image?", "病灶在哪里？"
@@ -184,6 +184,16 @@ def test_cli_through_a_pipe_first_answer_is_eval_py(tiny, tmp_path, capsys):
                        cwd=ROOT, timeout=300)
     assert E.main([*flags, "--question", EN]) == 0
     assert r.returncode == 0 and r.stdout == capsys.readouterr().out
+
+
+def test_cli_user_errors_are_one_line(tiny, tmp_path):
+    """A wrong --model path or flag value: exit 2 and one `error:` line naming it, not a traceback."""
+    line = cli_error("chat.py", "--model", tmp_path / "nowhere")
+    assert f"no config.json in {tmp_path / 'nowhere'}" in line
+    line = cli_error("chat.py", "--model", tiny["ckpt"], "--max-new-tokens", "0")
+    assert "argument --max-new-tokens: must be >= 1, got 0" in line
+    assert "argument --top-p: must be in [0, 1], got 1.5" in cli_error("chat.py", "--model", tiny["ckpt"],
+                                                                        "--top-p", "1.5")
 
 
 def test_sampling_and_repetition_penalty_first_answer_is_eval_ask(tiny):

@@ -29,7 +29,7 @@ import demo
 import llama
 import lora
 import model
-from conftest import TINY_LLM, TINY_VISION, tiny_model_config
+from conftest import TINY_LLM, TINY_VISION, cli_error, tiny_model_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -835,8 +835,35 @@ def test_peft_needs_adapters(tmp_path, ours):
         run("--to", "peft", folder, tmp_path / "peft")
     assert not (tmp_path / "peft").exists() and leftovers(tmp_path) == []
 
+def test_non_finite_weights_are_never_written(tmp_path, ours, tok_dir):
+    """NaN/Inf used to be copied silently. A NaN in the source is refused where it is read (exit 2, one
+    `error:` line naming the tensor and file); a weight that becomes Inf on the way (a LoRA merge past fp16's
+    65504, the llava default) is refused before it is written. OUT never appears."""
+    folder, _ = ours
+    nan = tmp_path / "nan"
+    shutil.copytree(folder, nan)
+    sd = load_file(nan / "model.safetensors")
+    sd["llm.norm.weight"][7] = float("nan")
+    save_file(sd, nan / "model.safetensors")
+    line = cli_error("convert.py", "--to", "llava-hf", nan, tmp_path / "o1", "--dtype", "float32")
+    assert f"'llm.norm.weight' in {nan / 'model.safetensors'} holds NaN or Inf" in line
+
+    save_ours(tmp_path / "lora", tok_dir, with_lora=True)
+    f = tmp_path / "lora" / "model.safetensors"
+    sd = load_file(f)
+    w = "llm.layers.0.mlp.down_proj"
+    sd[f"{w}.weight"][0, 0] = 65000.0  # fits fp16
+    sd[f"{w}.lora_A"][:, 0], sd[f"{w}.lora_B"][0, :] = 1.0, 100.0  # + 2 * 4 * 100: past 65504
+    save_file(sd, f)
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"refusing to write 'model\.layers\.0\.mlp\.down_proj\.weight' \(our 'llm\.layers\.0"
+                             r"\.mlp\.down_proj\.weight'\): it holds NaN or Inf in torch\.float16"):
+        run("--to", "llava", tmp_path / "lora", tmp_path / "o2")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists() and leftovers(tmp_path) == []
+
 
 # ---- --from keeps the source's dtype -----------------------------------------------------------------------
+
 
 def test_from_keeps_source_dtype(tmp_path, ours):
     """An fp32 llava-hf folder imported without --dtype stays fp32, bit for bit; a bf16 one stays bf16."""

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 import data
+from conftest import cli_error
 from data import IGNORE_INDEX, IMAGE_TOKEN_ID, SampleError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -705,6 +706,13 @@ def test_parse_data_spec_and_mixing_ratios(tok3, tmp_path):
     assert len(ds) == 25 and set(counts.values()) == {2, 3}
 
 
+@pytest.mark.parametrize("spec", ["a.json:0", "a.json:1@imgs/,b.json:0.0@imgs/"])
+def test_data_spec_ratio_must_be_positive(spec):
+    """A ratio of 0 picks no record: the run used to die later on a ZeroDivisionError."""
+    with pytest.raises(ValueError, match=r"ratio must be > 0"):
+        data.parse_data_spec(spec)
+
+
 def test_collate_right_and_left_padding(tok3):
     item = lambda i, ids, labels, pix: {"id": i, "input_ids": torch.tensor(ids), "labels": torch.tensor(labels),  # noqa: E731
                                         "pixel_values": pix}
@@ -858,6 +866,17 @@ def test_check_cli_names_every_bad_sample(llama3_dir, image_dir, tmp_path):
     report = data.check(str(path), str(image_dir), out=io.StringIO())  # without a tokenizer: structure + images
     expected = collections.Counter(r for _, r in BAD.values() if r != "too_long_no_labels")
     assert report["reasons"] == expected + collections.Counter(malformed_record=3)
+
+
+def test_check_cli_unreadable_file_or_bad_flag_is_one_error_line(tmp_path):
+    """A truncated file stops the check as a user error (exit 2, one `error:` line naming the file, no
+    traceback); bad samples in a readable file are a report (exit 1, above)."""
+    cut = tmp_path / "cut.json"
+    cut.write_text('[{"id": 1, "conversations": [')
+    line = cli_error("data.py", "check", "--data", cut)
+    assert f"{cut}: not valid JSON" in line
+    assert "argument --max-length: must be >= 1, got 0" in cli_error("data.py", "check", "--data", cut,
+                                                                        "--max-length", "0")
 
 
 # ---------------------------------------------------------------------------------------------

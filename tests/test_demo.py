@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import demo
+from conftest import cli_error
 
 SMALL = dict(n_train_images=120, n_test_images=60)
 
@@ -224,6 +225,14 @@ def test_refuses_to_replace_a_foreign_folder(tmp_path):
     with pytest.raises(FileExistsError, match="not a demo dataset"):
         demo.build(tmp_path / "mine", n_train_images=4, n_test_images=4, force=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_cli_refusals_are_one_line(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert "not a demo dataset" in cli_error("demo.py", "--root", tmp_path / "mine", "--force")
+    line = cli_error("demo.py", "--root", tmp_path / "d", "--n-train", "1")
+    assert line == "error: argument --n-train: must be >= 2, got 1"
 
 
 def test_ensure(tmp_path, monkeypatch, capsys):

@@ -17,7 +17,7 @@ from PIL import Image
 import data
 import eval as E
 import model
-from conftest import TINY_LLM, TINY_VISION, tiny_checkpoint
+from conftest import TINY_LLM, TINY_VISION, cli_error, tiny_checkpoint
 
 # ---------------------------------------------------------------------------------------------
 # Scoring: the normaliser
@@ -519,6 +519,60 @@ def test_rescoring_without_a_model(tmp_path):
     llava_file = tmp_path / "llava.jsonl"
     llava_file.write_text(json.dumps({"question_id": "0_0", "text": "yes"}))
     assert E.read_predictions(llava_file) == ({"0_0": "yes"}, {})
+
+
+def test_rescoring_refuses_duplicate_prediction_ids(tmp_path):
+    """Two answers to one question: which one counts would be a guess (the last line used to win)."""
+    pred = tmp_path / "dup.jsonl"
+    rows = [{"id": "0_0", "prediction": "yes"}, {"question_id": "0_1", "text": "CT"}, {"id": "0_0", "prediction": "no"},
+            {"id": "0_1", "skipped": "missing_image: images/0.png"}, {"id": "0_2", "prediction": "否"}]
+    pred.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"dup\.jsonl: duplicate ids: '0_0' \(lines 1, 3\), '0_1' \(lines 2, 4\)"):
+        E.read_predictions(pred)
+
+
+def test_empty_gold_answers_are_reported_and_not_scored(tmp_path, capsys):
+    """An empty gold answer cannot be matched: it used to count as a wrong open answer, silently."""
+    f, recs = make_vqa_set(tmp_path, n_images=1)
+    recs[1]["answer"], recs[3]["answer"] = "", " "  # 0_1 (open, en), 0_3 (open, zh)
+    write_json(f, recs)
+    pred = tmp_path / "p.jsonl"
+    pred.write_text("".join(json.dumps({"id": r["id"], "prediction": r["answer"] or "CT"}, ensure_ascii=False) + "\n"
+                            for r in recs))
+    out = tmp_path / "out"
+    assert E.main(["--task", "vqa", "--data", str(f), "--predictions", str(pred), "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())["vqa"]
+    assert s["n"] == len(recs) - 2 and s["n_open"] == 1 and s["skipped"] == {"empty_gold": 2}
+    assert s["open_recall"] == 1.0 and s["settings"]["missing_predictions"] == 0
+    got = capsys.readouterr()
+    assert f"warning: 2 questions in {f} have an empty gold answer (['0_1', '0_3'])" in got.err
+    assert "empty_gold" in got.out  # the printed summary says so too
+    preds = {p["id"]: p for p in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
+    assert preds["0_1"]["scores"] is None and preds["0_1"]["skipped"].startswith("empty_gold")
+
+
+def test_cli_user_errors_are_one_line(tiny, tmp_path):
+    """Bad input to eval.py: exit status 2 and one `error:` line naming the file, id, flag or tensor."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+
+    f, recs = make_vqa_set(tmp_path, n_images=1)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "0_0", "prediction": "yes"}\n{oops\n')
+    assert f"{bad}:2: not valid JSON" in cli_error("eval.py", "--task", "vqa", "--data", f, "--predictions", bad)
+    dup = write_json(tmp_path / "dup.json", recs + recs[:1])
+    line = cli_error("eval.py", "--task", "vqa", "--data", dup, "--predictions", bad)
+    assert f"{dup}: duplicate question ids ['0_0']" in line
+    line = cli_error("eval.py", "--task", "vqa", "--data", f, "--predictions", bad, "--batch-size", "0")
+    assert "argument --batch-size: must be >= 1, got 0" in line
+    # A NaN weight used to load and answer '!!!!'.
+    nan = tmp_path / "nan"
+    shutil.copytree(tiny["ckpt"], nan)
+    sd = load_file(nan / "model.safetensors")
+    sd["llm.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    save_file(sd, nan / "model.safetensors")
+    line = cli_error("eval.py", "--model", nan, "--question", "Is there a lesion?", "--max-new-tokens", "4")
+    assert f"'llm.layers.1.mlp.down_proj.weight' in {nan / 'model.safetensors'} holds NaN or Inf" in line
 
 
 @pytest.mark.parametrize("argv, mode", [

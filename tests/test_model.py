@@ -6,6 +6,7 @@ bf16 6e-2 on logits of order 1 (bf16 keeps 8 mantissa bits; errors compound over
 """
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -403,3 +404,54 @@ def test_presets_build_on_meta():
     assert m.projector[0].weight.shape == (4096, 1024)
     n = sum(p.numel() for p in m.parameters())
     assert 8.3e9 < n < 8.4e9, n  # Llama-3.1-8B (8.03B) + CLIP-L (0.30B) + projector (0.02B)
+
+
+# ---- refused input: unreadable weight files, non-finite weights ---------------------------------------
+
+def small_checkpoint(folder, **save):
+    m = model.build(tiny_model_config(64))
+    model.save_pretrained(m, folder, **save)
+    return m
+
+
+@pytest.mark.parametrize("damage", ["cut header", "cut data", "empty", "bad index", "cut .bin"])
+def test_unreadable_weight_file_is_named(tmp_path, damage):
+    """safetensors' own error names no file ("Error while deserializing header: invalid header length")."""
+    ckpt = tmp_path / "ckpt"
+    m = small_checkpoint(ckpt, max_shard_bytes=20_000 if damage == "bad index" else None)
+    f = ckpt / "model.safetensors"
+    if damage == "bad index":
+        f = ckpt / "model.safetensors.index.json"
+        f.write_text(f.read_text()[:50])
+    elif damage == "cut .bin":
+        f.unlink()
+        f = ckpt / "pytorch_model.bin"
+        torch.save(m.state_dict(), f)
+        f.write_bytes(f.read_bytes()[:3000])
+    else:
+        b = f.read_bytes()
+        f.write_bytes({"cut header": b[:100], "cut data": b[:-1000], "empty": b""}[damage])
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(f"{f}: ")):
+        model.from_pretrained(ckpt)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weight_is_refused_naming_the_tensor(tmp_path, value):
+    """A NaN weight used to load without a word and turn every answer into '!!!!'."""
+    m = model.build(tiny_model_config(64))
+    with torch.no_grad():
+        m.projector[2].weight[1, 2] = value
+    model.save_pretrained(m, tmp_path / "ckpt")
+    f = tmp_path / "ckpt" / "model.safetensors"
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(f"'projector.2.weight' in {f} holds NaN or Inf")):
+        model.from_pretrained(tmp_path / "ckpt")
+
+
+def test_weight_that_overflows_the_load_dtype_is_refused(tmp_path):
+    m = model.build(tiny_model_config(64))
+    with torch.no_grad():
+        m.projector[0].weight[0, 0] = 1e6  # finite in fp32 and bf16; fp16 stops at 65504
+    model.save_pretrained(m, tmp_path / "ckpt")
+    assert model.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16).projector[0].weight[0, 0] > 9e5
+    with pytest.raises(checkpoint.CheckpointError, match=r"'projector\.0\.weight' in .* overflows torch\.float16"):
+        model.from_pretrained(tmp_path / "ckpt", dtype=torch.float16)

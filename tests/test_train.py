@@ -27,7 +27,7 @@ import demo
 import model
 import run_folder
 import train
-from conftest import TINY_LLM, TINY_VISION
+from conftest import TINY_LLM, TINY_VISION, cli_error
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -792,7 +792,50 @@ def test_max_bad_fraction_stops_the_run_and_is_checked_at_parse_time(parts, tmp_
     capsys.readouterr()
     with pytest.raises(SystemExit):
         train.parse_args(common(parts, "text", **{"--max-bad-fraction": "1.5"}))
-    assert "1.5 is not a fraction from 0 to 1" in capsys.readouterr().err
+    assert "--max-bad-fraction: must be in [0, 1], got 1.5" in capsys.readouterr().err
+
+def test_unreadable_deepspeed_json_is_named(parts, tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"zero_optimization": ')
+    args = train.resolve(train.parse_args(common(parts, "text", **{"--deepspeed": bad})))
+    with pytest.raises(SystemExit) as e:
+        train.ds_config(args, 1)
+    assert str(e.value).startswith(f"--deepspeed {bad}: not valid JSON")
+
+
+SPEC_FORM = "(file[:ratio][@image_root])"
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--micro-batch", "0", "must be >= 1, got 0"),  # was a ZeroDivisionError after startup
+    ("--global-batch", "-4", "must be >= 1, got -4"),
+    ("--max-length", "0", "must be >= 1, got 0"),
+    ("--keep", "0", "must be >= 1, got 0"),  # deleted every checkpoint right after writing it
+    ("--save-every", "-1", "must be >= 0, got -1"),
+    ("--lr", "0", "must be > 0, got 0"),
+    ("--lr", "nan", "'nan' is not a finite number"),
+    ("--warmup-ratio", "1.5", "must be in [0, 1], got 1.5"),
+    ("--data", "a.json:0", "data spec 'a.json:0': ratio must be > 0 and finite " + SPEC_FORM),
+    ("--eval-data", "a.json,b.json:0", "data spec 'b.json:0': ratio must be > 0 and finite " + SPEC_FORM),
+])
+def test_flags_are_checked_when_parsed(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--stage", "text", flag, value])
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: argument {flag}: {message}\n"
+
+
+def test_cli_user_errors_are_one_line(parts, tmp_path):
+    """Through the real entry point: a flag refused when parsed, a contradiction refused when the run is
+    resolved (SystemExit with a message), and a data file with no record (was a ZeroDivisionError)."""
+    assert "argument --micro-batch: must be >= 1, got 0" in cli_error("train.py", *common(parts, "text", **{
+        "--micro-batch": 0}))
+    line = cli_error("train.py", *common(parts, "text", **{"--init": tmp_path, "--vision": parts["clip"]}))
+    assert line == "error: --init already holds the whole model: do not combine it with --vision/--llm"
+    (tmp_path / "empty.jsonl").write_text("")
+    line = cli_error("train.py", *common(parts, "text", **{"--vision": parts["clip"], "--llm": parts["llama"],
+                                                           "--data": tmp_path / "empty.jsonl",
+                                                           "--out": tmp_path / "out"}), timeout=300)
+    assert line == f"error: --data {tmp_path / 'empty.jsonl'}: no records to train on"
 
 
 # ---- evaluation during training, TensorBoard ----------------------------------------------------
