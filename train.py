@@ -1023,6 +1023,7 @@ def fit(t: Trainer, step: int, micro_done: int, log: MetricsLog) -> tuple[int, i
             for _, b in group:
                 bad.add(b)
             r = train_step(t.engine, [b for _, b in group], world, t.device)
+            check_finite(r, step + 1, run)
             step, micro_done = step + 1, micro_done + t.gas
             dt = time.time() - t0
             flops = r["tokens"] * f_tok + r["supervised_tokens"] * f_head + r["images"] * f_img
@@ -1047,8 +1048,21 @@ def fit(t: Trainer, step: int, micro_done: int, log: MetricsLog) -> tuple[int, i
         raise
     except data.BadDataError as e:
         raise SystemExit(f"stopping at step {step}: {e}") from None
-    bar.close()
+    finally:
+        bar.close()  # ends the bar's line: an error message then starts a line of its own
     return step, micro_done, last
+
+
+def check_finite(r: dict, step: int, run: RunConfig) -> None:
+    """A NaN/Inf loss or gradient norm (same on every rank: both are reduced) means the weights this
+    step updated are no longer finite: stop before they are saved or logged (NaN is not JSON)."""
+    if math.isfinite(r["loss"]) and (r["grad_norm"] is None or math.isfinite(r["grad_norm"])):
+        return
+    last = run_folder.newest_verified(Path(run.out))
+    raise SystemExit(f"step {step}: loss {r['loss']}, gradient norm {r['grad_norm']} (lr {r['lr']:g}): training "
+                     f"diverged, nothing of this step was saved; "
+                     + (f"the newest checkpoint is {last[0]}" if last else "no checkpoint was written yet")
+                     + " (a lower --lr, more --warmup-ratio or --grad-clip are the usual cures)")
 
 
 def gather_counts(counts: collections.Counter, world: int) -> dict:
