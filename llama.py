@@ -17,6 +17,7 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from checkpoint import load_hf_config, load_state
+from cross_entropy import linear_cross_entropy
 
 
 @dataclass
@@ -231,6 +232,18 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class LMHead(nn.Linear):
+    """The output projection. Given `targets` (n,) for hidden states (n, D) it returns their summed
+    cross-entropy instead of the logits, never holding more than a chunk of them (cross_entropy.py).
+    The loss is computed inside this module's forward so that ZeRO-3, which gathers a module's
+    partitioned weight around its forward, has the whole weight at hand."""
+
+    def forward(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
+        if targets is None:
+            return super().forward(x)
+        return linear_cross_entropy(x, self.weight, targets)
+
+
 class Llama(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -238,7 +251,7 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.tie_weights()
         # A plain fp32 tensor, not a buffer: derived from the config, never in a checkpoint, and left

@@ -134,8 +134,9 @@ class DoctorSun(nn.Module):
         With labels: (loss_sum, num_tokens) — the cross-entropy *summed* over supervised tokens
         and their count, so training can divide by the count of the whole global batch
         (all micro-batches and ranks) instead of averaging per-micro-batch means. Logits are
-        then computed only at supervised positions, in chunks: with a 128k vocabulary the full
-        (B, T, V) tensor would be the largest activation of the step.
+        then computed only at supervised positions, a chunk at a time, with each chunk's
+        gradient taken at once (llama.LMHead): with a 128k vocabulary the (B, T, V) logits
+        would be the largest activation of the step.
         """
         embeds = self.embed(input_ids, pixel_values)
         hidden = self.llm.forward_hidden(embeds, attention_mask=attention_mask,
@@ -146,10 +147,10 @@ class DoctorSun(nn.Module):
         sel = targets != IGNORE_INDEX
         h = hidden[:, :-1][sel]  # (n, D)
         y = targets[sel]  # (n,)
-        loss_sum = hidden.new_zeros((), dtype=torch.float32)
-        for i in range(0, y.numel(), 4096):
-            logits = self.llm.lm_head(h[i:i + 4096]).float()
-            loss_sum = loss_sum + F.cross_entropy(logits, y[i:i + 4096], reduction="sum")
+        if isinstance(self.llm.lm_head, llama.LMHead):
+            loss_sum = self.llm.lm_head(h, y)
+        else:  # a head someone wrapped (LoRA on lm_head): plain logits, then the loss
+            loss_sum = F.cross_entropy(self.llm.lm_head(h).float(), y, reduction="sum")
         if y.numel() == 0:
             # Keep every trainable parameter in the graph (DDP/ZeRO expect a gradient for each).
             loss_sum = loss_sum + 0.0 * hidden.sum()

@@ -1,0 +1,101 @@
+"""cross_entropy.linear_cross_entropy against the unfused reference (F.linear, then
+F.cross_entropy on fp32 logits): loss and both gradients. fp32: 1e-5 of the largest value (sums
+in another order); bf16: the fused
+gradients no further from the fp32 reference than the unfused bf16 ones (x1.5), since both round
+their matmuls to bf16. Shapes: an odd row count, chunks that do not divide it, one row, none."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cross_entropy
+import llama
+import model
+from special_ids import IGNORE_INDEX
+
+
+def reference(h, w, y):
+    return F.cross_entropy(F.linear(h, w).float(), y, reduction="sum")
+
+
+def loss_and_grads(fn, h32, w32, y, dtype, need=(True, True)):
+    h = h32.to(dtype).detach().requires_grad_(need[0])
+    w = w32.to(dtype).detach().requires_grad_(need[1])
+    loss = fn(h, w, y)
+    if loss.requires_grad:
+        loss.backward()
+    return loss.item(), [None if t.grad is None else t.grad.float() for t in (h, w)]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(cross_entropy, "CHUNK_ELEMENTS", 5003 * 100)  # 100 rows a chunk
+
+
+@pytest.mark.parametrize("n", [0, 1, 100, 777])
+def test_fp32_matches_unfused(small_chunks, n):
+    torch.manual_seed(n)
+    h, w, y = torch.randn(n, 64), torch.randn(5003, 64) * 0.1, torch.randint(0, 5003, (n,))
+    ref, (gh, gw) = loss_and_grads(reference, h, w, y, torch.float32)
+    got, (fh, fw) = loss_and_grads(cross_entropy.linear_cross_entropy, h, w, y, torch.float32)
+    assert got == pytest.approx(ref, rel=1e-5, abs=1e-5)
+    for a, b in ((fh, gh), (fw, gw)):  # sums in another order (chunks): 1e-5 of the largest gradient
+        assert a.shape == b.shape and (a.numel() == 0 or (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max()))
+
+
+def test_bf16_no_further_from_fp32_than_unfused(small_chunks):
+    torch.manual_seed(0)
+    h, w, y = torch.randn(777, 64), torch.randn(5003, 64) * 0.1, torch.randint(0, 5003, (777,))
+    ref, ref_g = loss_and_grads(reference, h, w, y, torch.float32)
+    unf, unf_g = loss_and_grads(reference, h, w, y, torch.bfloat16)
+    fus, fus_g = loss_and_grads(cross_entropy.linear_cross_entropy, h, w, y, torch.bfloat16)
+    assert abs(fus - ref) <= 1.5 * abs(unf - ref) + 1e-4 * abs(ref)
+    for r, u, f in zip(ref_g, unf_g, fus_g):
+        assert (f - r).norm() <= 1.5 * (u - r).norm(), ((f - r).norm(), (u - r).norm())
+
+
+@pytest.mark.parametrize("need", [(True, False), (False, True)])
+def test_only_the_gradients_asked_for(small_chunks, need):
+    """A frozen LM head (pretrain, LoRA) gets no weight gradient computed; a frozen input none either."""
+    torch.manual_seed(0)
+    h, w, y = torch.randn(50, 16), torch.randn(5003, 16) * 0.1, torch.randint(0, 5003, (50,))
+    _, (gh, gw) = loss_and_grads(reference, h, w, y, torch.float32, need)
+    _, (fh, fw) = loss_and_grads(cross_entropy.linear_cross_entropy, h, w, y, torch.float32, need)
+    assert (fh is None) == (gh is None) and (fw is None) == (gw is None)
+    for a, b in ((fh, gh), (fw, gw)):
+        if a is not None:
+            assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max())
+
+
+def test_model_loss_and_gradients_match_logits_path(small_chunks):
+    """DoctorSun.forward(labels=) goes through llama.LMHead: same loss sum and parameter gradients as
+    cross-entropy on the logits forward() returns, with padding, ignored labels and GQA (fp32)."""
+    torch.manual_seed(0)
+    cfg = model.ModelConfig.from_name("tiny")
+    m = model.DoctorSun(cfg).float()
+    assert isinstance(m.llm.lm_head, llama.LMHead)
+    ids = torch.randint(0, cfg.llm.vocab_size, (3, 17))
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    labels = ids.clone()
+    labels[:, :5] = IGNORE_INDEX
+    labels[mask == 0] = IGNORE_INDEX
+    loss, n = m(ids, attention_mask=mask, labels=labels)
+    loss.backward()
+    fused = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    logits = m(ids, attention_mask=mask)[:, :-1]
+    ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="sum")
+    ref.backward()
+    assert n == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    for k, p in m.named_parameters():
+        if p.grad is not None:
+            assert (fused[k] - p.grad).abs().max() <= 1e-5 * max(1.0, p.grad.abs().max()), k
+
+
+def test_lm_head_without_targets_is_a_linear():
+    head = llama.LMHead(8, 11, bias=False)
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(head(x), x @ head.weight.t())
+    assert list(head.state_dict()) == ["weight"]  # the checkpoint name is unchanged
