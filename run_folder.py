@@ -155,8 +155,9 @@ def changed_settings(saved: dict, now: dict, may_change: set[str]) -> list[str]:
 # ---- metrics ------------------------------------------------------------------------------------
 
 def read_metrics(path: Path, step: int) -> list[dict]:
-    """The rows of metrics.jsonl up to `step`. A kill can cut the last line short: a line that does
-    not parse is dropped (it lies after the checkpoint a resume starts from), never fatal."""
+    """The rows of a JSONL log (metrics.jsonl, skipped.jsonl) up to `step`. A kill can cut the last
+    line short: a line that does not parse is dropped (it lies after the checkpoint a resume starts
+    from), never fatal."""
     rows = []
     if path.exists():
         for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):

@@ -1114,8 +1114,8 @@ class BadSamples:
         # samples read: each step's global batch plus the bad samples read in their place
         self.read = step * run.global_batch + sum(self.counts.values()) - self.dropped
         if rank == 0:
-            old = self.path.read_text().splitlines() if step and self.path.exists() else []
-            self.path.write_text("".join(f"{r}\n" for r in old if json.loads(r)["step"] <= step))
+            old = run_folder.read_metrics(self.path, step) if step else []  # a cut last line is dropped
+            self.path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in old))
         if step == 0:
             self.log(ds.dropped, 0)
         if too_many_bad(self.dropped, len(ds) + self.dropped, run.max_bad_fraction):
