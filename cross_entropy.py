@@ -17,9 +17,13 @@ For a chunk of hidden states h (c, D), weight W (V, D), targets y (c,):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 CHUNK_ELEMENTS = 1 << 26  # fp32 logits per chunk: 256 MiB (523 rows at a 128k vocabulary)
+# Below this many logits (64 MiB in fp32) the plain path (F.linear, then F.cross_entropy) holds
+# little, and it is the reference: small models (the demo) train bit for bit as autograd does.
+FUSE_ABOVE = 1 << 24
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -60,5 +64,7 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
     """sum over rows of cross_entropy(h @ weight.T, targets), as an fp32 scalar. h (n, D), weight (V, D),
     targets (n,) of ids in [0, V). Equal to F.cross_entropy(F.linear(h, weight).float(), targets,
     reduction="sum") and its gradients (tests/test_cross_entropy.py)."""
+    if h.shape[0] * weight.shape[0] <= FUSE_ABOVE:
+        return F.cross_entropy(F.linear(h, weight).float(), targets, reduction="sum")
     grad = torch.is_grad_enabled()
     return LinearCrossEntropy.apply(h, weight, targets, grad and h.requires_grad, grad and weight.requires_grad)

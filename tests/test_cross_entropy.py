@@ -30,6 +30,7 @@ def loss_and_grads(fn, h32, w32, y, dtype, need=(True, True)):
 @pytest.fixture
 def small_chunks(monkeypatch):
     monkeypatch.setattr(cross_entropy, "CHUNK_ELEMENTS", 5003 * 100)  # 100 rows a chunk
+    monkeypatch.setattr(cross_entropy, "FUSE_ABOVE", 0)  # the fused path even at these sizes
 
 
 @pytest.mark.parametrize("n", [0, 1, 100, 777])
@@ -100,3 +101,14 @@ def test_lm_head_without_targets_is_a_linear():
     x = torch.randn(2, 3, 8)
     torch.testing.assert_close(head(x), x @ head.weight.t())
     assert list(head.state_dict()) == ["weight"]  # the checkpoint name is unchanged
+
+
+def test_small_logits_take_the_plain_path_bit_for_bit():
+    """Under FUSE_ABOVE logits the loss and gradients are autograd's own, exactly (the demo trains
+    as it did before the fused path existed)."""
+    torch.manual_seed(0)
+    h, w, y = torch.randn(300, 64), torch.randn(2048, 64) * 0.1, torch.randint(0, 2048, (300,))
+    assert 300 * 2048 <= cross_entropy.FUSE_ABOVE
+    ref, (gh, gw) = loss_and_grads(reference, h, w, y, torch.float32)
+    got, (fh, fw) = loss_and_grads(cross_entropy.linear_cross_entropy, h, w, y, torch.float32)
+    assert got == ref and torch.equal(fh, gh) and torch.equal(fw, gw)
