@@ -106,9 +106,10 @@ def verify(folder: Path, hashes: bool = True) -> str | None:
     return None
 
 
-def newest_verified(out: Path) -> tuple[Path, dict] | None:
+def newest_verified(out: Path, hashes: bool = True) -> tuple[Path, dict] | None:
     """The newest checkpoint in `out` that verifies, with its state; each newer one skipped is
-    named with the reason, so a damaged checkpoint costs the steps since the one before it."""
+    named with the reason, so a damaged checkpoint costs the steps since the one before it.
+    Without `hashes`, sizes only: enough to name a checkpoint in a message, without reading ~100 GB."""
     found = []
     for d in [*out.glob("step-*"), out / "final"]:
         try:
@@ -118,7 +119,7 @@ def newest_verified(out: Path) -> tuple[Path, dict] | None:
             if d.is_dir():
                 print(f"resume: skipping {d}: no readable {STATE} (the write was cut before its end)")
     for _, _, d, st in sorted(found, key=lambda x: x[:2], reverse=True):
-        reason = verify(d)
+        reason = verify(d, hashes)
         if reason is None:
             return d, st
         print(f"resume: skipping {d}: {reason}")

@@ -1058,7 +1058,7 @@ def check_finite(r: dict, step: int, run: RunConfig) -> None:
     step updated are no longer finite: stop before they are saved or logged (NaN is not JSON)."""
     if math.isfinite(r["loss"]) and (r["grad_norm"] is None or math.isfinite(r["grad_norm"])):
         return
-    last = run_folder.newest_verified(Path(run.out))
+    last = run_folder.newest_verified(Path(run.out), hashes=False)
     raise SystemExit(f"step {step}: loss {r['loss']}, gradient norm {r['grad_norm']} (lr {r['lr']:g}): training "
                      f"diverged, nothing of this step was saved; "
                      + (f"the newest checkpoint is {last[0]}" if last else "no checkpoint was written yet")
@@ -1167,7 +1167,7 @@ class BadSamples:
 def report_interrupt(run: RunConfig, step: int, total_steps: int, history: list[dict]) -> None:
     """On Ctrl-C: the summary so far, and where --resume would continue from."""
     out = Path(run.out)
-    last = run_folder.newest_verified(out)
+    last = run_folder.newest_verified(out, hashes=False)  # a message on Ctrl-C: no time to hash
     ckpt = last and last[0]
     print(f"interrupted at step {step}/{total_steps}; " + (f"--resume continues from {ckpt}" if ckpt else
           "no checkpoint yet (--save-every N writes some)"))
