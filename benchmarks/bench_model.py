@@ -11,7 +11,8 @@ wide, 8 layers, GQA 8:2 heads); the vocabulary is the variable: Llama 2's 32,000
 where the LM head outweighs the rest of the model.
 
 What each row measures:
-- train step: forward + backward + AdamW step with the ViT frozen (train.py's finetune stage without
+- train step: forward + backward + AdamW step (fused, as train.py and transformers' Trainer by
+  default run it) with the ViT frozen (train.py's finetune stage without
   ViT LoRA) on batch x seq tokens, num_image_tokens of them image positions in every row. Ours is
   train.py's path, model(..., labels=) -> (loss_sum, n), loss_sum / n, whose head computes logits only
   at supervised positions, a chunk at a time (cross_entropy.py); transformers is
@@ -184,8 +185,9 @@ def loss_of(impl: str, m, ids, labels, px) -> torch.Tensor:
         return loss_sum / n
     if impl == "ours, full logits":
         logits = m(ids, pixel_values=px)  # (B, T, V)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                               ignore_index=IGNORE_INDEX)
+        # The labels shift, not the logits (as transformers does): slicing (B, T, V) would copy it.
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
     return m(input_ids=ids, pixel_values=px, labels=labels).loss
 
 
@@ -214,7 +216,7 @@ def train_process(impl: str, folder: Path, dtype_name: str, s: Sizes) -> dict:
     load_peak = rss_mb("VmHWM") - before
     vocab = m.config.text_config.vocab_size if impl == "transformers" else m.config.llm.vocab_size
     ids, labels, px = prompts(s, vocab, s.batch, s.seq, dtype, seed=1)
-    opt = torch.optim.AdamW(freeze_vision(impl, m), lr=1e-5)
+    opt = torch.optim.AdamW(freeze_vision(impl, m), lr=1e-5, fused=True)  # train.py's; Trainer's default too
     m.train()
     loaded = rss_mb()
     reset_peak_rss()

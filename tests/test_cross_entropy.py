@@ -55,6 +55,21 @@ def test_bf16_no_further_from_fp32_than_unfused(small_chunks):
         assert (f - r).norm() <= bound * (u - r).norm(), ((f - r).norm(), (u - r).norm())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_target_whose_probability_underflows_keeps_its_exact_loss(small_chunks, dtype):
+    """The loss is -log softmax[target]; where that probability underflows to 0 (a target ~100 nats or
+    more below the best logit) it must come from logsumexp instead, not be inf."""
+    torch.manual_seed(0)
+    h, w = torch.randn(7, 64), torch.randn(5003, 64) * 0.1
+    w[0] = h[0] * 300 / h[0].square().sum()  # row 0: logit 300 at class 0
+    y = torch.randint(1, 5003, (7,))
+    ref, (rh, rw) = loss_and_grads(reference, h, w, y, dtype)
+    got, (gh, gw) = loss_and_grads(cross_entropy.linear_cross_entropy, h, w, y, dtype)
+    assert ref > 290 and got == pytest.approx(ref, rel=1e-5 if dtype == torch.float32 else 2e-3)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (gh - rh).abs().max() <= tol * rh.abs().max() and (gw - rw).abs().max() <= tol * rw.abs().max()
+
+
 @pytest.mark.parametrize("need", [(True, False), (False, True)])
 def test_only_the_gradients_asked_for(small_chunks, need):
     """A frozen LM head (pretrain, LoRA) gets no weight gradient computed; a frozen input none either."""
