@@ -29,6 +29,13 @@ from safetensors.torch import save_file
 import errors
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding(num, dim); built on the meta device (step 1 above) it skips its random init:
+    `normal_` on meta runs a Python reference that imports torch._dynamo, about 1 s of every load."""
+    on_meta = torch.get_default_device().type == "meta"
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim) if on_meta else None)
+
+
 class CheckpointError(errors.UserError):
     """A checkpoint that cannot be read or does not fit the module: names the file and the key."""
 

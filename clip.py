@@ -97,7 +97,7 @@ class Embeddings(nn.Module):
         self.class_embedding = nn.Parameter(torch.empty(D))
         self.patch_embedding = nn.Conv2d(config.num_channels, D, config.patch_size, stride=config.patch_size,
                                          bias=False)
-        self.position_embedding = nn.Embedding(config.num_positions, D)
+        self.position_embedding = checkpoint.embedding(config.num_positions, D)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         c = self.config

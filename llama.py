@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
 
-from checkpoint import load_hf_config, load_state
+from checkpoint import embedding, load_hf_config, load_state
 from cross_entropy import linear_cross_entropy
 
 
@@ -142,13 +142,13 @@ def default_positions(attention_mask: Tensor | None, input_pos: int, B: int, T: 
 
 
 def attention_bias(attention_mask: Tensor | None, input_pos: int, T: int, cached: bool, device) -> Tensor | None:
-    """Boolean SDPA mask (B or 1, 1, T, S) = causal and key-is-real; None lets SDPA run its fused causal path.
-
-    None only when there is nothing to mask beyond causality: no padding and no cache (then T == S).
+    """Boolean SDPA mask (B or 1, 1, T, S) = causal and key-is-real; None when there is nothing to mask
+    beyond causality (no padding) and SDPA can apply causality itself: without a cache or from position
+    0 (T == S, its fused causal path), or for one new token, which sees every key there is (decoding).
     """
-    if attention_mask is not None and not cached and bool(attention_mask.all()):
+    if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
-    if attention_mask is None and not cached:
+    if attention_mask is None and (not cached or input_pos == 0 or T == 1):
         return None
     S = input_pos + T
     q_pos = torch.arange(input_pos, S, device=device)[:, None]  # (T, 1) absolute query positions
@@ -201,7 +201,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd), S = input_pos + T
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        # No mask: causal (T == S), or one query that sees every key (decoding), which is_causal would not do.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
@@ -239,16 +240,20 @@ class LMHead(nn.Linear):
     partitioned weight around its forward, has the whole weight at hand."""
 
     def forward(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
-        if targets is None:
-            return super().forward(x)
-        return linear_cross_entropy(x, self.weight, targets)
+        if targets is not None:
+            return linear_cross_entropy(x, self.weight, targets)
+        if x.numel() == x.shape[-1] and x.dtype != torch.float32 and x.device.type == "cpu":
+            # One row (batch-1 decoding) in bf16/fp16 on a CPU: the matrix-vector kernel reads the
+            # head (the largest matrix of a decoding step) at about twice the rate of a one-row GEMM.
+            return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
+        return super().forward(x)
 
 
 class Llama(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False)

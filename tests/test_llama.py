@@ -155,11 +155,12 @@ def test_kv_cache_incremental_equals_full_forward(saved, variant):
         steps = [(0, 5), (5, 8)] + [(t, t + 1) for t in range(8, L)]
         inc = torch.cat([model(ids[:, a:b], attention_mask=mask[:, :b], kv_caches=caches, input_pos=a)
                          for a, b in steps], dim=1)
-        # Without padding the cache path builds a causal mask with an offset instead of using is_causal.
+        # Without padding: the first chunk takes is_causal, a later chunk of several tokens a causal mask
+        # with an offset, and one token at a time no mask at all.
         caches = model.make_kv_caches(B, max_seq_len=L)
         unpadded = model(ids)
-        inc2 = torch.cat([model(ids[:, :4], kv_caches=caches)] +
-                         [model(ids[:, t:t + 1], kv_caches=caches, input_pos=t) for t in range(4, L)], dim=1)
+        inc2 = torch.cat([model(ids[:, :4], kv_caches=caches), model(ids[:, 4:7], kv_caches=caches, input_pos=4)] +
+                         [model(ids[:, t:t + 1], kv_caches=caches, input_pos=t) for t in range(7, L)], dim=1)
     errs = max_err(inc, full, mask), max_err(inc2, unpadded)
     print(f"\n[llama kv-cache {variant}] incremental vs full: left-padded {errs[0]:.1e}, unpadded {errs[1]:.1e}")
     assert max(errs) <= 1e-5
