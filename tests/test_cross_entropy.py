@@ -111,10 +111,19 @@ def test_model_loss_and_gradients_match_logits_path(small_chunks):
             assert (fused[k] - p.grad).abs().max() <= 1e-5 * max(1.0, p.grad.abs().max()), k
 
 
-def test_lm_head_without_targets_is_a_linear():
-    head = llama.LMHead(8, 11, bias=False)
-    x = torch.randn(2, 3, 8)
-    torch.testing.assert_close(head(x), x @ head.weight.t())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 3, 8), (1, 1, 8), (1, 8)])
+def test_lm_head_without_targets_is_a_linear(dtype, shape):
+    """Every shape, the one-row (batch-1 decoding) torch.mv path in bf16 included, gives the logits of
+    a linear layer: within one bf16 rounding of the fp32 product."""
+    torch.manual_seed(0)
+    head = llama.LMHead(8, 1001, bias=False).to(dtype)
+    x = torch.randn(*shape).to(dtype)
+    with torch.no_grad():
+        got = head(x)
+    ref = x.float() @ head.weight.float().t()
+    assert got.shape == ref.shape and got.dtype == dtype
+    torch.testing.assert_close(got.float(), ref, **({} if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)))
     assert list(head.state_dict()) == ["weight"]  # the checkpoint name is unchanged
 
 

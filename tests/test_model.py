@@ -281,6 +281,18 @@ def test_bf16_within_documented_bound(pair):
     assert err <= 0.1 * max(1.0, ref.abs().max().item() / 10)
 
 
+def test_loading_imports_no_compiler(pair):
+    """Built on meta, a model must not run nn.Embedding's random init: normal_ on the meta device imports
+    torch._dynamo (about 1 s, then the whole load took 1.3 s instead of 0.05 s)."""
+    import subprocess
+    import sys
+    code = (f"import sys, model; model.from_pretrained({str(pair[2])!r}); "
+            "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo'))[:3])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_tied_embeddings_llava(tmp_path):
     hf, path = hf_llava(tmp_path, act="gelu", tie=True)
     ours = model.from_pretrained(path)
