@@ -1,7 +1,7 @@
 """Our model next to transformers' LlavaForConditionalGeneration: speed and memory, same weights,
 same machine, same run. Every row is ours ÷ transformers.
 
-    python benchmarks/bench_model.py                  # the full run: about 20 minutes on 2 CPU cores
+    python benchmarks/bench_model.py                  # the full run: about 8 minutes on 2 CPU cores
     python benchmarks/bench_model.py --quick --json bench.json   # tiny sizes, < 1 minute (tests/test_bench.py)
 
 One transformers LLaVA is built at random per vocabulary and saved with save_pretrained; both
