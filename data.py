@@ -19,10 +19,10 @@ import io
 import json
 import math
 import os
-import shutil
 import posixpath
 import random
 import re
+import shutil
 import sys
 import warnings
 import zipfile

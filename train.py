@@ -793,7 +793,7 @@ def hash_files(folder: Path, rank: int, world: int) -> dict[str, str]:
     names = [run_folder.files_of(folder)]  # rank 0's listing, so all ranks split the same list
     torch.distributed.broadcast_object_list(names, src=0)
     names = names[0]
-    mine = {n: run_folder.sha256(folder / n) for i, n in enumerate(names) if i % world == rank}
+    mine = {n: checkpoint.sha256(folder / n) for i, n in enumerate(names) if i % world == rank}
     parts = [None] * world
     torch.distributed.all_gather_object(parts, mine)
     return {k: v for p in parts for k, v in p.items()}
