@@ -119,19 +119,49 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight; the statistics in fp32 because bf16 sums of squares lose too much precision."""
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(weight * x / rms(x), 1 / rms(x)); the statistics in fp32 because bf16 sums of squares lose too
+    much precision, and the normalised x cast back before the weight, as HF does (bit-level parity)."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1) fp32
+    return weight * (xf * rstd).to(x.dtype), rstd
 
+
+class RMSNormFunction(torch.autograd.Function):
+    """rms_norm keeping x and 1/rms(x) for the backward. Autograd would keep x in fp32 and the
+    normalised x as well: 3x the memory in bf16, 2x in fp32 (Llama 3 8B, one 4k-token sample: 4 GB
+    less), and the backward written out is no slower."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        y, rstd = rms_norm(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        x_hat = x * rstd  # fp32 (type promotion)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_y * x_hat.to(x.dtype)).flatten(0, -2).sum(0).to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # d/dx of x * rstd(x): rstd * (g - x_hat * mean(g * x_hat)), g = d/dx_hat
+            g = (grad_y * weight).float()
+            grad_x = (g - x_hat * (g * x_hat).mean(-1, keepdim=True)).mul_(rstd).to(x.dtype)
+        return grad_x, grad_w, None
+
+
+class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)  # cast back before the weight, as HF does (bit-level parity)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return RMSNormFunction.apply(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)[0]  # inference: no autograd.Function call per norm
 
 
 def default_positions(attention_mask: Tensor | None, input_pos: int, B: int, T: int, device) -> Tensor:
@@ -207,6 +237,31 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
+class SwiGLU(torch.autograd.Function):
+    """silu(gate) * up, keeping gate and up for the backward and recomputing silu(gate) there: autograd
+    would keep silu(gate) as well, one more (tokens, intermediate) tensor per layer (Llama 3 8B, one
+    4k-token sample: 3.8 GB in bf16), for one element-wise pass more in the backward. Bit for bit
+    autograd's gradients."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return SwiGLU.apply(gate, up)
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -217,7 +272,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

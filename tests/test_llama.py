@@ -303,3 +303,130 @@ def test_tiny_preset_trains_a_step():
     loss = torch.nn.functional.cross_entropy(model(ids)[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
     loss.backward()
     assert math.isfinite(loss.item()) and model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+def token_loss(logits, ids, mask):
+    """Summed next-token cross-entropy where both the token and its target are real (fp32): a padding
+    position's hidden state is each implementation's own."""
+    keep = (mask[:, :-1] * mask[:, 1:]).bool()
+    return torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), ids[:, 1:][keep], reduction="sum")
+
+
+def hf_grads(hf, ids, mask):
+    hf.zero_grad(set_to_none=True)
+    token_loss(hf(ids, attention_mask=mask).logits, ids, mask).backward()
+    return {n.removeprefix("model."): p.grad.float() for n, p in hf.named_parameters()}
+
+
+def our_grads(ours, ids, mask):
+    ours.train()
+    token_loss(ours(ids, attention_mask=mask), ids, mask).backward()
+    return {n: p.grad.float() for n, p in ours.named_parameters()}
+
+
+@pytest.mark.parametrize("variant", ["gqa", "llama31"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_gradients_match_transformers_fp32(saved, variant, side):
+    """Every parameter's gradient (the hand-written RMSNorm and SwiGLU backwards included) against
+    autograd through transformers, batch of 3 odd lengths, padded. max abs err <= 1e-4 of the
+    largest gradient of that tensor."""
+    hf, folder = saved(variant)
+    ids, mask = batch(side)
+    ref = hf_grads(hf, ids, mask)
+    got = our_grads(from_pretrained(folder), ids, mask)
+    assert got.keys() == ref.keys()
+    errs = {n: (got[n] - ref[n]).abs().max().item() / ref[n].abs().max().item() for n in ref}
+    worst = max(errs, key=errs.get)
+    print(f"\n[llama grads fp32 {variant} {side}] worst relative err {errs[worst]:.1e} ({worst})")
+    assert errs[worst] <= 1e-4, (worst, errs[worst])
+
+
+def test_gradients_match_transformers_bf16(saved):
+    """bf16, both models: our gradients no further from the fp32 reference than transformers' bf16
+    gradients are (x1.5, relative to the tensor's largest gradient), tensor by tensor."""
+    hf, folder = saved("gqa")
+    ids, mask = batch("left")
+    ref = hf_grads(hf, ids, mask)
+    theirs = hf_grads(make_hf("gqa").to(torch.bfloat16), ids, mask)
+    got = our_grads(from_pretrained(folder, dtype=torch.bfloat16), ids, mask)
+    worst = 0.0
+    for n in ref:
+        scale = ref[n].abs().max().item()
+        ours_err, hf_err = [(g[n] - ref[n]).abs().max().item() / scale for g in (got, theirs)]
+        worst = max(worst, ours_err / max(hf_err, 1e-3))
+        assert ours_err <= 1.5 * max(hf_err, 1e-3), (n, ours_err, hf_err)
+    print(f"\n[llama grads bf16] worst ours/transformers distance to fp32: {worst:.2f}")
+
+
+def test_norm_and_swiglu_backward_match_autograd():
+    """The two hand-written backwards against autograd on the plain expressions: SwiGLU by float64
+    gradcheck and bit for bit in fp32 and bf16; RMSNorm (which computes in fp32 whatever its input)
+    within 1e-5 in fp32 and a bf16 rounding in bf16. Frozen weight or frozen input: no gradient."""
+    torch.manual_seed(0)
+    g, u = (torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(llama.SwiGLU.apply, (g, u))
+
+    def plain_norm(x, w):
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype)
+
+    def norm(x, w):
+        return llama.RMSNormFunction.apply(x, w, 1e-5)
+
+    def swiglu(g, u):
+        return llama.SwiGLU.apply(g, u)
+
+    cases = ((norm, plain_norm, ((4, 7, 64), (64,))),
+             (swiglu, lambda g, u: torch.nn.functional.silu(g) * u, ((4, 7, 88),) * 2))
+    for dtype in (torch.float32, torch.bfloat16):
+        for fn, ref, shapes in cases:
+            inputs = [(torch.randn(s) * 2 + (1 if len(s) == 1 else 0)).to(dtype) for s in shapes]
+            grad_out = torch.randn(shapes[0]).to(dtype)
+            outs = []
+            for f in (fn, ref):
+                leaves = [t.clone().requires_grad_() for t in inputs]
+                y = f(*leaves)
+                y.backward(grad_out)
+                outs.append([y] + [t.grad for t in leaves])
+            assert torch.equal(outs[0][0], outs[1][0])  # the forward is the same expression
+            for a, b in zip(outs[0][1:], outs[1][1:]):
+                if fn is swiglu:
+                    assert torch.equal(a, b)
+                elif dtype == torch.float32:
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+                else:
+                    torch.testing.assert_close(a.float(), b.float(), rtol=1 / 128, atol=1e-2)
+            for frozen in range(2):  # only the gradients asked for
+                leaves = [t.clone().requires_grad_(i != frozen) for i, t in enumerate(inputs)]
+                fn(*leaves).backward(grad_out)
+                assert leaves[frozen].grad is None and leaves[1 - frozen].grad is not None
+
+
+def test_a_layer_keeps_only_what_its_backward_needs():
+    """Tensors a decoder layer saves for the backward, per token: the inputs of its four matmul groups
+    (x after each norm, the attention output, silu(gate) * up), q, k and v for attention, x before each
+    norm, gate and up: 6 x hidden + 2 x kv width + 3 x intermediate (+ per-row norm statistics). Plain
+    autograd would also keep each norm's fp32 x and normalised x, and silu(gate)."""
+    cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=88, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = Llama(cfg).to(dtype).train()
+        h = torch.randn(2, 9, 64, dtype=dtype, requires_grad=True)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()} | {
+            b.untyped_storage().data_ptr() for b in model.buffers()}
+        storages = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params and t.numel() > 2 * 9 * 16:  # skip weights, rope tables, norm statistics
+                storages[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        cos, sin = model.rope(torch.arange(9).expand(2, 9), dtype)
+        params |= {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.layers[0](h, cos, sin, None)  # unpadded: SDPA's causal path
+        per_token = sum(storages.values()) / (2 * 9 * dtype.itemsize)
+        expected = 6 * 64 + 2 * 32 + 3 * 88
+        assert per_token == expected, (dtype, per_token, expected)
