@@ -15,7 +15,8 @@ Target matching rule: a pattern is an fnmatch pattern (`fnmatch.fnmatchcase`: ca
 passed to `inject` (the names of `module.named_modules()`). "*self_attn.q_proj" matches
 "encoder.layers.7.self_attn.q_proj" and also "self_attn.q_proj"; "encoder.layers.0.mlp.fc1"
 matches one module only. Every pattern must match at least one module, and everything it matches
-must be a plain nn.Linear; both are errors otherwise, because a typo would silently train nothing.
+must be a plain nn.Linear (or a subclass that declares itself one: `is_plain_linear`); both are
+errors otherwise, because a typo would silently train nothing.
 
 Doctor Sun's targets (its xtuner LLaVA-Llama-3 configs), r=64, alpha=16, dropout 0.05:
   - finetune: LoRA on "all linear layers" of the CLIP ViT = q_proj, k_proj, v_proj, out_proj,
@@ -75,6 +76,7 @@ class LoRALinear(nn.Linear):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight = base.weight
         self.bias = base.bias
+        self.base_type = type(base)  # merge_and_unload puts this class back
         self.r, self.alpha, self.scaling, self.dropout = r, alpha, alpha / r, dropout
         dev, dt = base.weight.device, dtype or base.weight.dtype
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=dt))  # (r, in)
@@ -136,15 +138,22 @@ def inject(module: nn.Module, config: LoRAConfig, *, dtype: torch.dtype | None =
         matched += [n for n in hits if n not in matched]
     for name in matched:
         child = module.get_submodule(name)
-        # Exactly nn.Linear: subclasses such as nn.MultiheadAttention's out_proj are read as raw
-        # weights by their parent and never call forward(), so an adapter there would do nothing.
-        if type(child) is not nn.Linear:
+        if not is_plain_linear(child):
             kind = "already a LoRALinear" if isinstance(child, LoRALinear) else f"a {type(child).__name__}"
             raise TypeError(f"LoRA target {name!r} is {kind}, not an nn.Linear (patterns {config.targets})")
     for name in matched:
         base = module.get_submodule(name)
-        _set_submodule(module, name, LoRALinear(base, config.r, config.alpha, config.dropout, dtype))
+        adapted = LoRALinear(base, config.r, config.alpha, config.dropout, dtype)
+        _set_submodule(module, name, adapted.train(base.training))  # a new module would be in train mode
     return matched
+
+
+def is_plain_linear(m: nn.Module) -> bool:
+    """nn.Linear itself, or a subclass that says in its own class body (`plain_linear = True`, not
+    inherited) that its forward is x W^T + b. Other subclasses are refused: nn.MultiheadAttention's
+    out_proj is read as raw weights by its parent and never called, so an adapter there would do
+    nothing; a subclass with another forward (an LM head computing a loss) would lose it."""
+    return type(m) is nn.Linear or vars(type(m)).get("plain_linear", False)
 
 
 def _set_submodule(module: nn.Module, name: str, new: nn.Module) -> None:
@@ -167,13 +176,13 @@ def unmerge(module: nn.Module) -> None:
 
 
 def merge_and_unload(module: nn.Module) -> None:
-    """Fold every adapter into its weight and put back a plain nn.Linear (export: no lora_* keys).
+    """Fold every adapter into its weight and put back the base's class (export: no lora_* keys).
 
     Layer by layer, so the pre-merge copy costs one layer's weight at a time, not the model's.
     """
     for name, m in lora_modules(module).items():
         m.merge()
-        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        plain = m.base_type(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         plain.weight, plain.bias = m.weight, m.bias  # the same (now merged) Parameters
         m._weight_before_merge = None
         _set_submodule(module, name, plain)

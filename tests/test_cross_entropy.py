@@ -111,13 +111,14 @@ def test_model_loss_and_gradients_match_logits_path(small_chunks):
             assert (fused[k] - p.grad).abs().max() <= 1e-5 * max(1.0, p.grad.abs().max()), k
 
 
+@pytest.mark.parametrize("cls", [llama.LMHead, llama.Linear])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 3, 8), (1, 1, 8), (1, 8)])
-def test_lm_head_without_targets_is_a_linear(dtype, shape):
+def test_lm_head_without_targets_is_a_linear(cls, dtype, shape):
     """Every shape, the one-row (batch-1 decoding) torch.mv path in bf16 included, gives the logits of
-    a linear layer: within one bf16 rounding of the fp32 product."""
+    a linear layer: within one bf16 rounding of the fp32 product. The same for every projection."""
     torch.manual_seed(0)
-    head = llama.LMHead(8, 1001, bias=False).to(dtype)
+    head = cls(8, 1001, bias=False).to(dtype)
     x = torch.randn(*shape).to(dtype)
     with torch.no_grad():
         got = head(x)

@@ -125,6 +125,35 @@ def test_parity_with_peft_hf_llama_gqa():
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+def test_our_llama_projections_take_adapters_and_come_back():
+    """Our Llama's projections are llama.Linear (x W^T by another kernel for one bf16 row): LoRA wraps
+    them and computes the base product with that kernel, merge_and_unload puts llama.Linear back, and
+    the LM head (whose forward computes a loss) is refused."""
+    import llama
+
+    cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    m = llama.Llama(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 64, (1, 1))  # one row: the torch.mv path
+    with torch.no_grad():
+        base = m(ids)
+    assert len(lora.inject(m, LoRAConfig(r=4, alpha=8.0, targets=lora.LLM_TARGETS))) == 14
+    assert all(lm.base_type is llama.Linear for lm in lora.lora_modules(m).values())
+    with torch.no_grad():
+        assert torch.equal(m(ids), base)  # B = 0
+        for lm in lora.lora_modules(m).values():
+            lm.lora_B.normal_(0, 0.1)
+        adapted = m(ids)
+    assert (adapted.float() - base.float()).abs().max() > 0.05
+    lora.merge_and_unload(m)
+    assert not lora.lora_modules(m) and type(m.layers[1].mlp.down_proj) is llama.Linear
+    with torch.no_grad():  # merged weights are rounded to bf16 once
+        torch.testing.assert_close(m(ids).float(), adapted.float(), atol=5e-2, rtol=2e-2)
+    with pytest.raises(TypeError, match="'lm_head' is a LMHead"):
+        lora.inject(m, LoRAConfig(targets=("lm_head",)))
+
+
 def test_vit_targets_on_hf_clip_and_zero_init_is_identity():
     """VIT_TARGETS names every ViT linear (HF names == ours); with B = 0 the output is bitwise the base."""
     cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
@@ -175,6 +204,18 @@ def test_pattern_errors():
         lora.inject(mha, LoRAConfig(targets=("*out_proj",)))
     with pytest.raises(ValueError, match="empty"):
         lora.inject(Tiny(), LoRAConfig())
+
+
+def test_injected_into_an_eval_model_stays_in_eval():
+    """An adapter injected into a model in eval mode (inference on a loaded model) must not apply its
+    dropout: a new module starts in train mode, so inject takes the mode of the layer it replaces."""
+    model = Tiny().eval()
+    lora.inject(model, LoRAConfig(targets=("*q_proj",), dropout=0.5))
+    layer = model.layers[0].self_attn.q_proj
+    assert not layer.training
+    x = torch.randn(2, 3, 24)
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer(x))
 
 
 def test_dropout_only_on_lora_path():
