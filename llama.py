@@ -195,7 +195,7 @@ def attention_bias(attention_mask: Tensor | None, input_pos: int, T: int, cached
 class Linear(nn.Linear):
     """nn.Linear whose single row in bf16/fp16 on a CPU (batch-1 decoding) runs as a matrix-vector
     product: oneDNN's one-row GEMM reads the weight at about half the rate of torch.mv there, and
-    decoding is reading weights (a 32k bf16 decoding step: 8.8 -> 7.6 ms). LoRA may wrap it
+    decoding is reading weights (a 32k bf16 decoding step: 8.6 -> 7.2 ms). LoRA may wrap it
     (`plain_linear`: its forward is x W^T + b, only the kernel differs)."""
 
     plain_linear = True
