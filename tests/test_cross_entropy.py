@@ -113,10 +113,11 @@ def test_model_loss_and_gradients_match_logits_path(small_chunks):
 
 @pytest.mark.parametrize("cls", [llama.LMHead, llama.Linear])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(2, 3, 8), (1, 1, 8), (1, 8)])
+@pytest.mark.parametrize("shape", [(2, 3, 8), (1, 1, 8), (1, 8), (8, 1, 8), (3, 7, 8), (0, 1, 8)])
 def test_lm_head_without_targets_is_a_linear(cls, dtype, shape):
-    """Every shape, the one-row (batch-1 decoding) torch.mv path in bf16 included, gives the logits of
-    a linear layer: within one bf16 rounding of the fp32 product. The same for every projection."""
+    """Every shape, the few-row (decoding) kernels in bf16 included (torch.mv for one row, W x^T for
+    2-16), gives the logits of a linear layer: within one bf16 rounding of the fp32 product. The same
+    for every projection."""
     torch.manual_seed(0)
     head = cls(8, 1001, bias=False).to(dtype)
     x = torch.randn(*shape).to(dtype)
