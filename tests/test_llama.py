@@ -4,6 +4,8 @@ loaded through our from_pretrained (the same loader production uses). Run with -
 Tolerances: fp32 logits max abs err <= 1e-4 (measured <= 3.2e-6). bf16 (both models in bf16, same weights):
 logits within 0.1 of HF's (measured 5.5e-2 vs HF bf16, 7.1e-2 vs HF fp32, logits up to 4.6 where a bf16
 ulp is 0.03: SDPA vs HF's eager attention rounds differently). KV-cache vs full forward <= 1e-5 (measured 4e-6).
+Gradients of every parameter: fp32 within 1e-4 of each tensor's largest (measured 1.3e-6); bf16 no further
+from fp32 than HF's bf16 gradients x1.5 (measured 1.31).
 """
 import json
 import math
