@@ -119,6 +119,12 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+def needs_grad(*tensors: Tensor) -> bool:
+    """Whether autograd will record an operation on these: the hand-written backwards below are used
+    only then, so inference calls the plain expressions, with no autograd.Function per call."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """(weight * x / rms(x), 1 / rms(x)); the statistics in fp32 because bf16 sums of squares lose too
     much precision, and the normalised x cast back before the weight, as HF does (bit-level parity)."""
@@ -159,9 +165,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+        if needs_grad(x, self.weight):
             return RMSNormFunction.apply(x, self.weight, self.eps)
-        return rms_norm(x, self.weight, self.eps)[0]  # inference: no autograd.Function call per norm
+        return rms_norm(x, self.weight, self.eps)[0]
 
 
 def default_positions(attention_mask: Tensor | None, input_pos: int, B: int, T: int, device) -> Tensor:
@@ -276,7 +282,7 @@ class SwiGLU(torch.autograd.Function):
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
-    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+    if needs_grad(gate, up):
         return SwiGLU.apply(gate, up)
     return F.silu(gate) * up
 

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import clip
 import llama
@@ -107,3 +108,23 @@ def tiny_checkpoint(root, *, seed: int = 0):
                 p.mul_(3.0)
     model.save_pretrained(m, root / "ckpt", extra={"tokenizer": str(demo_dir / "tokenizer"), "stage": "finetune"})
     return root / "ckpt", demo_dir
+
+
+class OpLog(TorchDispatchMode):
+    """Every aten operator dispatched inside `with OpLog() as log:`, as (name, input tensors, output
+    tensors) in `log.calls`: what ran, on what, and which storages it made (the log keeps them alive,
+    so no freed address is reused while it is read)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.calls.append((str(func), _tensors((args, kwargs)), _tensors(out)))
+        return out
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]

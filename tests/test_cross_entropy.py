@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import cross_entropy
 import llama
 import model
+from conftest import OpLog
 from special_ids import IGNORE_INDEX
 
 
@@ -144,30 +145,15 @@ def test_one_logits_buffer_for_every_chunk(small_chunks):
     """The fused loss allocates one (chunk, V) tensor in all, whatever the number of chunks, and
     writes the logits, then their softmax, over it: a tensor per logits and per softmax would double
     the step's peak and pay the kernel's page zeroing on every chunk."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class LogitsSizedOutputs(TorchDispatchMode):  # new storages of (rows, V) tensors
-        def __init__(self):
-            super().__init__()
-            self.new = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                      if isinstance(t, torch.Tensor)}
-            out = func(*args, **kwargs)
-            for t in torch.utils._pytree.tree_leaves(out):
-                if (isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == 5003
-                        and t.untyped_storage().data_ptr() not in inputs):
-                    self.new.append((str(func), tuple(t.shape)))
-            return out
-
     torch.manual_seed(0)
     h = torch.randn(777, 64, requires_grad=True)
     w = (torch.randn(5003, 64) * 0.1).requires_grad_()
     y = torch.randint(0, 5003, (777,))
-    with LogitsSizedOutputs() as mode:
+    with OpLog() as log:
         loss = cross_entropy.linear_cross_entropy(h, w, y)  # 8 chunks of 100 rows
-    assert mode.new == [("aten.empty.memory_format", (100, 5003))], mode.new
+    new = [(name, tuple(t.shape)) for name, inputs, outputs in log.calls for t in outputs  # new (rows, V) storages
+           if t.dim() == 2 and t.shape[1] == 5003
+           and t.untyped_storage().data_ptr() not in {i.untyped_storage().data_ptr() for i in inputs}]
+    assert new == [("aten.empty.memory_format", (100, 5003))], new
     loss.backward()
     assert torch.allclose(loss, reference(h.detach(), w.detach(), y), rtol=1e-5)

@@ -17,6 +17,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import llama
+from conftest import OpLog
 from llama import Llama, LlamaConfig, from_pretrained
 
 FP32_TOL = 1e-4
@@ -439,24 +440,14 @@ def test_decoding_rows_take_the_weight_streaming_kernels(rows, kernel):
     """In bf16 on a CPU a projection's one row goes through torch.mv and 2-16 rows through W x^T (the
     weight as the GEMM's first operand), the kernels that read a weight fastest here; more rows (a
     prompt, training) through F.linear. Which kernel ran is read off the dispatched operators."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls.append((str(func), [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]))
-            return func(*args, **(kwargs or {}))
-
     layer = llama.Linear(64, 300, bias=False).to(torch.bfloat16)
     x = torch.randn(rows, 1, 64).to(torch.bfloat16)
-    with torch.no_grad(), Ops() as ops:
+    with torch.no_grad(), OpLog() as log:
         y = layer(x)
     assert y.shape == (rows, 1, 300) and y.is_contiguous()  # a transposed view slows every later op
-    products = [(f, shapes) for f, shapes in ops.calls if f in ("aten.mv.default", "aten.mm.default", "aten.addmm.default")]
-    assert len(products) == 1, ops.calls
+    products = [(f, [tuple(t.shape) for t in inputs]) for f, inputs, _ in log.calls
+                if f in ("aten.mv.default", "aten.mm.default", "aten.addmm.default")]
+    assert len(products) == 1, log.calls
     if kernel is None:
         assert products[0][1][0] == (rows, 64)  # x first: F.linear's GEMM
     else:
