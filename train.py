@@ -78,6 +78,7 @@ import errors
 import lora
 import model
 import run_folder
+from cross_entropy import CHUNK_ELEMENTS
 
 ROOT = Path(__file__).resolve().parent
 
@@ -575,17 +576,22 @@ def print_memory_table(run, cfg: model.ModelConfig, counts: dict, b: int) -> Non
     """Weights, gradients, Adam states and activations per device, for 1-8 devices x ZeRO 0/2/3
     (`b`: bytes per weight)."""
     P, T, L = sum(n for n, _ in counts.values()), sum(t for _, t in counts.values()), run.max_length
-    # Activations (Korthikanti et al. 2022, 34·s·h bytes per layer and sample in 16-bit without the
-    # s² attention term, which SDPA/flash does not store); checkpointing keeps 2·s·h per layer plus
-    # one layer's worth. Logits are computed in 4096-row chunks (model.forward).
+    # Activations. An LLM layer keeps, per token, x before each norm, q and the attention output
+    # (4 x hidden), k and v, gate and up (llama.py; the norm outputs and silu(gate) * up are recomputed);
+    # a checkpointed layer keeps its input, plus one layer's worth (recomputed without the selective
+    # part: 6 x hidden + 2 x kv + 3 x intermediate) during its backward. The ViT: Korthikanti et al.
+    # 2022, 34·s·h bytes per layer in 16-bit without the s² term, which SDPA does not store. The loss
+    # holds one chunk of logits (cross_entropy.py).
     lc, vc = cfg.llm, cfg.vision
-    per_layer = 34 * L * lc.hidden_size * b / 2
-    kept = 2 * L * lc.hidden_size * b / 2
+    kv = lc.num_key_value_heads * lc.head_dim
+    per_layer = L * (4 * lc.hidden_size + 2 * kv + 2 * lc.intermediate_size) * b
+    whole_layer = L * (6 * lc.hidden_size + 2 * kv + 3 * lc.intermediate_size) * b
+    kept = L * lc.hidden_size * b
     act = run.micro_batch * (lc.num_hidden_layers * (kept if run.gradient_checkpointing else per_layer)
-                              + (per_layer if run.gradient_checkpointing else 0))
+                              + (whole_layer if run.gradient_checkpointing else 0))
     if counts["vision"][1]:
         act += run.micro_batch * vc.num_layers_used * 34 * vc.num_positions * vc.hidden_size * b / 2
-    act += 2 * 4096 * lc.vocab_size * 4
+    act += CHUNK_ELEMENTS * b
     gib = 2 ** 30
     print(f"\nmemory per device, GiB (rough: +-30%, plus 1-2 GiB of CUDA context/fragmentation; "
           f"micro-batch {run.micro_batch}, {L} tokens, "

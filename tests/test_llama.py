@@ -7,6 +7,7 @@ ulp is 0.03: SDPA vs HF's eager attention rounds differently). KV-cache vs full 
 Gradients of every parameter: fp32 within 1e-4 of each tensor's largest (measured 1.3e-6); bf16 no further
 from fp32 than HF's bf16 gradients x1.5 (measured 1.31).
 """
+import gc
 import json
 import math
 import re
@@ -15,8 +16,11 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import llama
+import lora
 from conftest import OpLog
 from llama import Llama, LlamaConfig, from_pretrained
 
@@ -405,34 +409,79 @@ def test_norm_and_swiglu_backward_match_autograd():
                 assert leaves[frozen].grad is None and leaves[1 - frozen].grad is not None
 
 
-def test_a_layer_keeps_only_what_its_backward_needs():
-    """Tensors a decoder layer saves for the backward, per token: the inputs of its four matmul groups
-    (x after each norm, the attention output, silu(gate) * up), q, k and v for attention, x before each
-    norm, gate and up: 6 x hidden + 2 x kv width + 3 x intermediate (+ per-row norm statistics). Plain
-    autograd would also keep each norm's fp32 x and normalised x, and silu(gate)."""
+class StorageLog(TorchDispatchMode):
+    """Every storage an operator creates inside `with StorageLog() as made:`, held weakly: which of them
+    are still alive afterwards is what autograd keeps, whatever saved-tensor hooks did on the way."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.made.append((StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes()))
+        return out
+
+    def alive(self, *exclude: torch.Tensor, min_bytes: int = 0) -> int:
+        gc.collect()
+        skip = {StorageWeakRef(t.untyped_storage()).cdata for t in exclude}
+        kept = {ref.cdata: n for ref, n in self.made if not ref.expired() and ref.cdata not in skip}
+        return sum(n for n in kept.values() if n > min_bytes)
+
+
+@pytest.mark.parametrize("selective", [True, False])
+def test_a_layer_keeps_only_what_its_backward_needs(selective):
+    """What the backward of forward_hidden (one layer) holds, per token: q and the attention output,
+    the residual stream before the second norm and before the final norm (4 x hidden), k and v,
+    gate and up; the input x, which its norm keeps too, is the test's own. The norm outputs and
+    silu(gate) * up are recomputed in the backward (llama.Recipe); with selective_recompute off
+    they are kept as well (+ 2 x hidden + 1 x intermediate). Plain autograd would also keep each
+    norm's fp32 x and normalised x, and silu(gate) (tensors below 16 values per token, norm and
+    attention statistics, are not counted)."""
     cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=88, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         model = Llama(cfg).to(dtype).train()
+        model.selective_recompute = selective
         h = torch.randn(2, 9, 64, dtype=dtype, requires_grad=True)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()} | {
-            b.untyped_storage().data_ptr() for b in model.buffers()}
-        storages = {}
-
-        def pack(t):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in params and t.numel() > 2 * 9 * 16:  # skip weights, rope tables, norm statistics
-                storages[ptr] = t.untyped_storage().nbytes()
-            return t
-
-        cos, sin = model.rope(torch.arange(9).expand(2, 9), dtype)
-        params |= {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model.layers[0](h, cos, sin, None)  # unpadded: SDPA's causal path
-        per_token = sum(storages.values()) / (2 * 9 * dtype.itemsize)
-        expected = 6 * 64 + 2 * 32 + 3 * 88
+        with StorageLog() as log:
+            y = model.forward_hidden(h)
+        per_token = log.alive(y, *model.parameters(), min_bytes=2 * 9 * 16 * dtype.itemsize) / (2 * 9 * dtype.itemsize)
+        expected = 4 * 64 + 2 * 32 + 2 * 88 + (2 * 64 + 88 if not selective else 0)
         assert per_token == expected, (dtype, per_token, expected)
+        y.float().pow(2).sum().backward()  # and the recipes still serve the backward
+        assert h.grad is not None and all(p.grad is not None for p in model.layers.parameters())
+
+
+@pytest.mark.parametrize("adapters", [False, True])
+def test_selective_recompute_gives_the_same_gradients_bit_for_bit(adapters):
+    """The recomputed norm outputs and silu(gate) * up are the forward's own values, so every gradient is
+    identical with selective_recompute on and off, in fp32 and bf16, padded, and through LoRA adapters
+    (which keep their input too)."""
+    cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    ids = torch.randint(0, 101, (3, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, :4] = mask[2, :7] = 0  # left padding
+    for dtype in (torch.float32, torch.bfloat16):
+        grads = []
+        for selective in (True, False):
+            torch.manual_seed(0)
+            model = Llama(cfg).to(dtype).train()
+            if adapters:
+                lora.inject(model, lora.LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("*q_proj", "*v_proj", "*down_proj")))
+                for n, p in model.named_parameters():
+                    if "lora_B" in n:
+                        torch.nn.init.normal_(p, std=0.1)
+            model.selective_recompute = selective
+            model(ids, attention_mask=mask).float().logsumexp(-1)[mask.bool()].sum().backward()
+            grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+        for n in grads[0]:
+            assert torch.equal(grads[0][n], grads[1][n]), (dtype, n)
 
 
 @pytest.mark.parametrize("rows, kernel", [(1, "aten.mv.default"), (8, "aten.mm.default"), (40, None)])
