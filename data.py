@@ -83,6 +83,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _as_rgb(img: Image.Image) -> Image.Image:
+    """img itself when it is plain RGB already (no copy: preprocessing only reads it), else _to_rgb."""
+    return img if img.mode == "RGB" and "transparency" not in img.info else _to_rgb(img)
+
+
 def _first(v) -> float:
     """DICOM multi-valued window tags (one value per preset): use the first."""
     if isinstance(v, collections.abc.Sequence) and not isinstance(v, str):
@@ -203,7 +208,7 @@ def expand2square(img: Image.Image, background=CLIP_FILL) -> Image.Image:
     """LLaVA's "pad" aspect mode: centre the image on a square canvas of the CLIP mean colour,
     so the centre crop that follows keeps the whole image."""
     check_image_size(*img.size, "the image to pad")  # so the max(w, h)² canvas is at most MAX_IMAGE_SIDE²
-    img = _to_rgb(img)
+    img = _as_rgb(img)
     w, h = img.size
     if w == h:
         return img
@@ -217,21 +222,23 @@ def preprocess_image(img: Image.Image, size: int = 336, pad_to_square: bool = Tr
     """HF CLIPImageProcessor with PIL + numpy: shortest side -> `size` (PIL bicubic, long side
     floored like HF), centre crop, x/255, (x - mean) / std. Returns float32 (3, size, size)."""
     check_image_size(*img.size, "the image")  # load_image checked it; an image made elsewhere may be larger
-    img = expand2square(img) if pad_to_square else _to_rgb(img)
+    img = expand2square(img) if pad_to_square else _as_rgb(img)
     w, h = img.size
     if w <= h:
         new_w, new_h = size, int(size * h / w)
     else:
         new_w, new_h = int(size * w / h), size
-    img = img.resize((new_w, new_h), Image.BICUBIC)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    x = np.asarray(img.crop((left, top, left + size, top + size)))  # (S, S, 3) uint8
-    x = x.transpose(2, 0, 1).astype(np.float32, order="C")  # (3, S, S); C order keeps the math below on planes
-    # (x/255 - mean)/std as one multiply and one subtract per value
+    img = img.resize((new_w, new_h), Image.BICUBIC)  # 80% of the time at 512 px: the same call as HF's
+    if (new_w, new_h) != (size, size):
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.array(img))  # (S, S, 3) uint8, a writable copy
+    # (x/255 - mean)/std as one multiply and one add per value, on planes: the (3, S, S) float tensor
+    # is written once by the uint8 -> float copy, then scaled in place
     std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
-    x *= 1.0 / (255.0 * std)
-    x -= np.asarray(mean, dtype=np.float32).reshape(3, 1, 1) / std
-    return torch.from_numpy(x)
+    out = torch.empty(3, size, size).copy_(x.permute(2, 0, 1))
+    out.mul_(torch.from_numpy(1.0 / (255.0 * std)))
+    return out.add_(torch.from_numpy(-(np.asarray(mean, dtype=np.float32).reshape(3, 1, 1) / std)))
 
 
 def check_inside(path, root) -> None:
