@@ -219,7 +219,7 @@ class RunConfig:
     lora_alpha: float
     lora_dropout: float
     gradient_checkpointing: bool
-    data: str
+    data: str | None  # None only in a dry run without --data
     template: str
     max_length: int
     on_bad: str
@@ -271,12 +271,12 @@ def resolve(args: argparse.Namespace, parent: RunConfig | None = None) -> RunCon
         settings["vision_lora"] = stage["vision_lora"]
     if args.template is None:
         settings["template"] = stage.get("demo_template", stage["template"]) if demo else stage["template"]
-    if args.data is None:
-        if not demo:
-            raise SystemExit("--data is required with real models (file[:ratio][@image_root],...)")
+    if args.data is None and demo:
         root = demo_root()
         f = root / stage["demo_data"]
         settings["data"] = str(f) if args.stage == "text" else f"{f}@{root}"
+    elif args.data is None and not args.dry_run:  # a dry run describes the model and its memory without data
+        raise SystemExit("--data is required with real models (file[:ratio][@image_root],...)")
     settings.update(resolve_eval(args, demo and args.data is None))
     tokenizer = None if args.dry_run else find_tokenizer(args, init, demo, parent)
     return RunConfig(**{**settings, "init": init, "tokenizer": tokenizer, "demo": demo,
@@ -561,14 +561,17 @@ def dry_run(run) -> None:
     L = run.max_length
     print(f"tokens per step: <= {run.global_batch} samples x {L} = {run.global_batch * L:,} "
           f"(a sample holds {m.num_image_tokens} image positions when it has an image)")
-    try:
-        ds = data.SupervisedDataset(data.parse_data_spec(run.data), None, template=run.template,
-                                    num_image_tokens=m.num_image_tokens)
-        mean = sum(ds.lengths) / max(1, len(ds))
-        print(f"data: {len(ds):,} samples, ~{mean:.0f} tokens each (estimate) -> ~{run.global_batch * mean:,.0f} "
-              f"tokens per step, {len(ds) / run.global_batch:,.0f} steps per epoch")
-    except (OSError, ValueError) as e:
-        print(f"data: not read ({e})")
+    if run.data is None:
+        print("data: none given (--data adds an estimate of the tokens per step and the steps per epoch)")
+    else:
+        try:
+            ds = data.SupervisedDataset(data.parse_data_spec(run.data), None, template=run.template,
+                                        num_image_tokens=m.num_image_tokens)
+            mean = sum(ds.lengths) / max(1, len(ds))
+            print(f"data: {len(ds):,} samples, ~{mean:.0f} tokens each (estimate) -> "
+                  f"~{run.global_batch * mean:,.0f} tokens per step, {len(ds) / run.global_batch:,.0f} steps per epoch")
+        except (OSError, ValueError) as e:
+            print(f"data: not read ({e})")
     print_memory_table(run, cfg, counts, b)
 
 
