@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -157,9 +158,8 @@ class Recipe:
         self.fn, self.args, self.value = fn, args, None
 
     def get(self) -> Tensor:
-        if self.value is None:
-            with torch.no_grad():
-                self.value = self.fn(*self.args)
+        if self.value is None:  # under the backward's grad mode: a graph only for a double backward
+            self.value = self.fn(*self.args)
         return self.value
 
 
@@ -170,17 +170,24 @@ def recomputable(y: Tensor, fn, *args) -> Tensor:
     return y
 
 
+class _Rebuilt(NamedTuple):
+    """What autograd keeps for a saved marked tensor: its recipe, and which view of y was saved."""
+    recipe: Recipe
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+
+
 def _pack(t: Tensor):
     recipe = getattr(t, "_recipe", None)
     if recipe is None and t._base is not None:
         recipe = getattr(t._base, "_recipe", None)
-    return t if recipe is None else (recipe, t.size(), t.stride(), t.storage_offset())
+    return t if recipe is None else _Rebuilt(recipe, t.size(), t.stride(), t.storage_offset())
 
 
 def _unpack(saved):
-    if isinstance(saved, tuple):
-        recipe, size, stride, offset = saved
-        return recipe.get().as_strided(size, stride, offset)  # the view of y that was saved
+    if isinstance(saved, _Rebuilt):
+        return saved.recipe.get().as_strided(saved.size, saved.stride, saved.offset)
     return saved
 
 
