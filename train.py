@@ -302,6 +302,8 @@ def resolve_eval(args, demo_data: bool) -> dict:
 def find_parent(args) -> str | None:
     """The previous stage's output, where that stage writes it; an error if it is missing."""
     found = parent_checkpoint(args)
+    if found is not None and args.dry_run and args.model_preset != "tiny":
+        return None  # a dry run of a named preset describes that preset, not a checkpoint the demo left
     if found is None or run_folder.verify(found, hashes=False) is None:
         return found and str(found)
     if not args.dry_run:  # a dry run describes the preset instead

@@ -695,14 +695,18 @@ def test_dry_run_real_preset_on_meta(parts, capsys, tmp_path):
     assert "tokens per step" in out
 
 
-def test_dry_run_needs_no_data(capsys, tmp_path):
+@pytest.mark.parametrize("runs", ["empty", "after a chain"])
+def test_dry_run_needs_no_data(request, runs, capsys, tmp_path):
     """The README's `train.py --stage finetune --model-preset doctor-sun --dry-run`: sizes and memory
-    without a dataset. Activations per layer and token in fp32 (the default config on a CPU):
-    4 x 4096 + 2 x 1024 + 2 x 14336 values (llama.py's selective recomputation) x 4 bytes x 4096
+    without a dataset, also where a previous chain (the quickstart's) left runs/pretrain/final, which
+    must not stand in for the preset. Activations per layer and token in fp32 (the default config on a
+    CPU): 4 x 4096 + 2 x 1024 + 2 x 14336 values (llama.py's selective recomputation) x 4 bytes x 4096
     tokens x 32 layers = 23.0 GiB, plus the ViT's and one logits chunk's, about 1 GiB."""
-    train.main(["--stage", "finetune", "--model-preset", "doctor-sun", "--runs", str(tmp_path), "--dry-run"])
+    folder = request.getfixturevalue("chain") if runs != "empty" else tmp_path
+    assert (runs == "empty") != (folder / "pretrain/final").is_dir()
+    train.main(["--stage", "finetune", "--model-preset", "doctor-sun", "--runs", str(folder), "--dry-run"])
     out = capsys.readouterr().out
-    assert "data: none given" in out
+    assert "data: none given" in out and "8,030,261,248" in out  # Llama-3.1-8B's parameters
     rows = [line.split() for line in out.splitlines() if line[:1].isdigit() and len(line.split()) == 7]
     assert len(rows) == 12
     activations = {float(r[5]) for r in rows}
