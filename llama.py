@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from checkpoint import embedding, load_hf_config, load_state
 from cross_entropy import linear_cross_entropy
@@ -143,9 +144,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 # one 4k-token bf16 sample: 5.9 GB), for one element-wise pass each in the backward; the recomputed
 # values are bit for bit the ones the forward made. Megatron's "selective recomputation" idea, applied to
 # the element-wise outputs. The mechanism is autograd's saved-tensor hooks: while `Llama.forward_hidden`
-# runs, every tensor autograd saves passes through `_pack`, which swaps a marked tensor (or a view of one:
-# F.linear saves its input reshaped to 2D) for (recipe, view geometry); `_unpack` rebuilds it in the
-# backward, once per recipe however many projections share it (q, k and v; gate and up).
+# runs the layers, every tensor autograd saves passes through `_pack`, which swaps any tensor sharing a
+# marked tensor's memory (the tensor itself, the 2-D view F.linear saves, the detached alias DeepSpeed's
+# ZeRO-3 hands on from each module) for (recipe, view geometry); `_unpack` rebuilds it in the backward,
+# once per recipe however many projections share it (q, k and v; gate and up).
 
 
 class Recipe:
@@ -163,26 +165,34 @@ class Recipe:
         return self.value
 
 
-def recomputable(y: Tensor, fn, *args) -> Tensor:
-    """Mark y = fn(*args) as rebuildable, so that backward-saving inside `recompute_cheap()` keeps the
-    recipe, not y. args must be tensors autograd keeps anyway, and y must not change in place."""
-    y._recipe = Recipe(fn, *args)
-    return y
-
-
 class _Rebuilt(NamedTuple):
-    """What autograd keeps for a saved marked tensor: its recipe, and which view of y was saved."""
+    """What autograd keeps for a saved alias of a marked tensor: its recipe, and which view was saved."""
     recipe: Recipe
     size: torch.Size
     stride: tuple[int, ...]
     offset: int
 
 
+# Inside recompute_cheap(): memory address -> (a weak reference to the marked tensor's storage, recipe).
+# The weak reference tells a live marked tensor from a later one the allocator put at the same address.
+_marked: dict[int, tuple[StorageWeakRef, Recipe]] | None = None
+
+
+def recomputable(y: Tensor, fn, *args) -> Tensor:
+    """Mark y = fn(*args) as rebuildable: inside `recompute_cheap()` autograd keeps the recipe wherever it
+    would keep y. args must be tensors autograd keeps anyway, and y must not change in place."""
+    if _marked is not None:
+        storage = y.untyped_storage()
+        _marked[storage.data_ptr()] = (StorageWeakRef(storage), Recipe(fn, *args))
+    return y
+
+
 def _pack(t: Tensor):
-    recipe = getattr(t, "_recipe", None)
-    if recipe is None and t._base is not None:
-        recipe = getattr(t._base, "_recipe", None)
-    return t if recipe is None else _Rebuilt(recipe, t.size(), t.stride(), t.storage_offset())
+    storage = t.untyped_storage()
+    found = _marked.get(storage.data_ptr()) if _marked else None
+    if found is None or found[0].expired() or found[0].cdata != StorageWeakRef(storage).cdata:
+        return t
+    return _Rebuilt(found[1], t.size(), t.stride(), t.storage_offset())
 
 
 def _unpack(saved):
@@ -191,9 +201,16 @@ def _unpack(saved):
     return saved
 
 
+@contextlib.contextmanager
 def recompute_cheap():
-    """Context in which autograd keeps recipes instead of the tensors marked `recomputable`."""
-    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+    """Context in which autograd keeps recipes instead of the tensors marked `recomputable` in it."""
+    global _marked
+    outer, _marked = _marked, {}
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            yield
+    finally:
+        _marked = outer
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -229,7 +246,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if needs_grad(x, self.weight):
-            return recomputable(RMSNormFunction.apply(x, self.weight, self.eps), normed, x, self.weight, self.eps)
+            y = RMSNormFunction.apply(x, self.weight, self.eps)
+            # The recipe keeps a copy of the weight (hidden-size values): ZeRO-3 releases a module's
+            # weights after its forward and gathers them again only for that module's own backward,
+            # which runs after the projections' backwards that rebuild y.
+            return recomputable(y, normed, x, self.weight.detach().clone(), self.eps)
         return rms_norm(x, self.weight, self.eps)[0]
 
 

@@ -431,8 +431,21 @@ class StorageLog(TorchDispatchMode):
         return sum(n for n in kept.values() if n > min_bytes)
 
 
-@pytest.mark.parametrize("selective", [True, False])
-def test_a_layer_keeps_only_what_its_backward_needs(selective):
+class DetachedAlias(torch.autograd.Function):
+    """What DeepSpeed's ZeRO-3 puts after every module (parameter_offload.py, PreBackwardFunctionForModule):
+    the output detached, a new tensor on the same memory, whose backward gathers the module's weights."""
+
+    @staticmethod
+    def forward(ctx, output):
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+@pytest.mark.parametrize("selective, zero3_alias", [(True, False), (False, False), (True, True)])
+def test_a_layer_keeps_only_what_its_backward_needs(selective, zero3_alias):
     """What the backward of forward_hidden (one layer) holds, per token: q and the attention output,
     the residual stream before the second norm and before the final norm (4 x hidden), k and v,
     gate and up; the input x, which its norm keeps too, is the test's own. The norm outputs and
@@ -446,6 +459,10 @@ def test_a_layer_keeps_only_what_its_backward_needs(selective):
         torch.manual_seed(0)
         model = Llama(cfg).to(dtype).train()
         model.selective_recompute = selective
+        if zero3_alias:  # the projections then see aliases of the norm outputs, not the outputs themselves
+            for m in model.modules():
+                if isinstance(m, llama.RMSNorm):
+                    m.register_forward_hook(lambda module, args, out: DetachedAlias.apply(out))
         h = torch.randn(2, 9, 64, dtype=dtype, requires_grad=True)
         with StorageLog() as log:
             y = model.forward_hidden(h)

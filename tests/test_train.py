@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 import checkpoint
 import data
 import demo
+import llama
 import model
 import run_folder
 import train
@@ -604,6 +605,43 @@ def dist_in_process():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def test_selective_recompute_under_zero3_that_releases_every_weight(dist_in_process, monkeypatch):
+    """DeepSpeed's ZeRO-3 with every weight released after its module's forward (persistence threshold,
+    live parameters and reuse distance 0) hands each module's output on as a detached alias and
+    gathers a module's weights again only for its own backward. The norm outputs and silu(gate) * up
+    are still rebuilt from recipes (counted), and three SGD steps give the same losses as with
+    selective_recompute off."""
+    import deepspeed
+
+    train.init_distributed()
+    rebuilt = []
+    get = llama.Recipe.get
+    monkeypatch.setattr(llama.Recipe, "get", lambda self: rebuilt.append(1) or get(self))
+    conf = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "steps_per_print": 10 ** 9,
+            "zero_allow_untested_optimizer": True,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                  "stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0,
+                                  "stage3_prefetch_bucket_size": 0}}
+    ids = torch.randint(0, 101, (2, 11), generator=torch.Generator().manual_seed(1))
+    losses = {}
+    for selective in (True, False):
+        torch.manual_seed(0)
+        m = llama.Llama(llama.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+        m.selective_recompute = selective
+        engine, *_ = deepspeed.initialize(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), config=conf)
+        rebuilt.clear()
+        losses[selective] = []
+        for _ in range(3):
+            loss = engine(ids).float().logsumexp(-1).mean()
+            engine.backward(loss)
+            engine.step()
+            losses[selective].append(loss.item())
+        # per step and layer: q, k, v and gate, up read the norm outputs, down_proj silu(gate) * up
+        assert len(rebuilt) == (3 * 2 * 6 if selective else 0)
+    assert losses[True] == losses[False]
 
 
 def test_loss_is_normalised_by_the_global_supervised_token_count(dist_in_process):
