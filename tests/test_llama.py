@@ -410,7 +410,7 @@ def test_norm_and_swiglu_backward_match_autograd():
 
 
 class StorageLog(TorchDispatchMode):
-    """Every storage an operator creates inside `with StorageLog() as made:`, held weakly: which of them
+    """Every storage an operator creates inside `with StorageLog() as log:`, held weakly: which of them
     are still alive afterwards is what autograd keeps, whatever saved-tensor hooks did on the way."""
 
     def __init__(self):
