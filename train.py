@@ -78,7 +78,7 @@ import errors
 import lora
 import model
 import run_folder
-from cross_entropy import CHUNK_ELEMENTS
+from cross_entropy import chunk_rows
 
 ROOT = Path(__file__).resolve().parent
 
@@ -596,7 +596,7 @@ def print_memory_table(run, cfg: model.ModelConfig, counts: dict, b: int) -> Non
                               + (whole_layer if run.gradient_checkpointing else 0))
     if counts["vision"][1]:
         act += run.micro_batch * vc.num_layers_used * 34 * vc.num_positions * vc.hidden_size * b / 2
-    act += CHUNK_ELEMENTS * b
+    act += chunk_rows(lc.vocab_size) * lc.vocab_size * b
     gib = 2 ** 30
     print(f"\nmemory per device, GiB (rough: +-30%, plus 1-2 GiB of CUDA context/fragmentation; "
           f"micro-batch {run.micro_batch}, {L} tokens, "

@@ -29,6 +29,12 @@ What each row measures:
 - train peak RSS: each (implementation, vocabulary, dtype) trains in a process of its own; the
   peak resident memory of its steps (VmHWM, reset through /proc/self/clear_refs once the model is
   loaded) minus its resident memory with the model loaded: gradients, AdamW states, activations.
+- train peak live memory: what the step itself holds, without what the C allocator keeps resident
+  after it is freed. One more step, untimed, samples glibc's count of bytes handed out and not yet
+  freed (mallinfo2: heap blocks in use + mapped blocks) after every operator, backward and optimizer
+  included; the peak minus the same count with the model loaded. glibc keeps freed blocks under
+  32 MiB resident and the next step's allocations fit its holes unevenly, so RSS adds several
+  hundred MiB to both implementations, by amounts that vary from run to run.
 - load: from_pretrained(folder) at the start of the same process, seconds, and the peak resident
   memory while loading minus the memory before it (the weights themselves included).
 - greedy decode: batch 1 and 8, a prompt of one image and text, new tokens/s between the first and
@@ -52,6 +58,9 @@ and decoding, hundreds of small operations per token, slowed ten-fold on a busy 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import functools
 import gc
 import json
 import math
@@ -67,6 +76,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -133,6 +143,39 @@ def reset_peak_rss() -> None:
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS (proc(5))
+
+
+class _MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (malloc.h, glibc 2.33+)
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@functools.cache
+def _mallinfo2():
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.mallinfo2.restype = _MallInfo2
+    return libc.mallinfo2
+
+
+def malloc_live_mb() -> float:
+    """MiB the C allocator has handed out and not had back, over every arena: heap blocks in use
+    (uordblks) + mapped blocks (hblkhd). Resident memory is this plus the freed blocks glibc keeps."""
+    m = _mallinfo2()()
+    return (m.uordblks + m.hblkhd) / 2 ** 20
+
+
+class PeakLive(TorchDispatchMode):
+    """The largest malloc_live_mb() seen after any operator run inside it (the backward's and the
+    optimizer's too: autograd carries the mode into the backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.peak = malloc_live_mb()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, malloc_live_mb())
+        return out
 
 
 # ---- the shared weights and inputs -------------------------------------------------------------------
@@ -220,17 +263,25 @@ def train_process(impl: str, folder: Path, dtype_name: str, s: Sizes) -> dict:
     m.train()
     loaded = rss_mb()
     reset_peak_rss()
-    times, losses = [], []
-    for _ in range(1 + s.train_steps):  # the first step is the warm-up
-        t = time.perf_counter()
+    loaded_live = malloc_live_mb()
+
+    def step() -> float:
         opt.zero_grad(set_to_none=True)
         loss = loss_of(impl, m, ids, labels, px)
         loss.backward()
         opt.step()
+        return loss.item()
+
+    times, losses = [], []
+    for _ in range(1 + s.train_steps):  # the first step is the warm-up
+        t = time.perf_counter()
+        losses.append(step())
         times.append(time.perf_counter() - t)
-        losses.append(loss.item())
-    return dict(load_s=load_s, load_peak_mb=load_peak, loaded_mb=loaded,
-                train_peak_mb=rss_mb("VmHWM") - loaded, step_s=min(times[1:]), first_loss=losses[0])
+    train_peak = rss_mb("VmHWM") - loaded
+    with PeakLive() as live:  # after the timed steps: the mode runs Python at every operator
+        step()
+    return dict(load_s=load_s, load_peak_mb=load_peak, loaded_mb=loaded, train_peak_mb=train_peak,
+                train_live_peak_mb=live.peak - loaded_live, step_s=min(times[1:]), first_loss=losses[0])
 
 
 def run_process(*args: str) -> dict:
@@ -413,6 +464,8 @@ def bench_train(s: Sizes, folders: dict, flops: dict, rows: list, checks: list, 
                         limit=(dtype_name, "matmul_flops"))
                 add_row(rows, f"{label}: peak RSS over the loaded model", "MiB", r["train_peak_mb"],
                         hf["train_peak_mb"])
+                add_row(rows, f"{label}: peak live memory over the loaded model", "MiB",
+                        r["train_live_peak_mb"], hf["train_live_peak_mb"])
             r = got[(vocab, dtype_name, "ours")]
             add_row(rows, f"load (from_pretrained), vocab {vocab:,}, {dtype_name}", "s", r["load_s"], hf["load_s"])
             add_row(rows, f"load, vocab {vocab:,}, {dtype_name}: peak RSS while loading", "MiB",

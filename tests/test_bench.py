@@ -25,6 +25,7 @@ def test_quick_benchmark(tmp_path):
 
     rows = got["rows"]
     for kind in ("train step 2x48,", "train step, full logits", "peak RSS over the loaded model",
+                 "peak live memory over the loaded model",
                  "load (from_pretrained)", "peak RSS while loading", "greedy decode, batch 1,",
                  "greedy decode, batch 8,", "time to first token", "preprocess 512x512", "preprocess 1024x768"):
         for dtype in (("",) if kind.startswith("preprocess") else ("float32", "bfloat16")):
