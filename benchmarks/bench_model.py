@@ -51,9 +51,10 @@ What each row measures:
 
 Losses (ours, ours through full logits, transformers) and logits are checked equal within the
 dtype's tolerance before any timing of that configuration; a mismatch stops the run.
-Peak memory is read from /proc: Linux only. Run it on an otherwise idle machine (the load average is
-printed): with another process on the cores, OpenMP threads wait for each other at every operation,
-and decoding, hundreds of small operations per token, slowed ten-fold on a busy 2-core machine.
+Peak memory is read from /proc and from glibc (mallinfo2): Linux only. Run it on an otherwise idle
+machine (the load average is printed): with another process on the cores, OpenMP threads wait for
+each other at every operation, and decoding, hundreds of small operations per token, slowed
+ten-fold on a busy 2-core machine.
 """
 from __future__ import annotations
 
