@@ -27,7 +27,6 @@ import os
 import re
 import sys
 import time
-from pathlib import Path
 
 import torch
 

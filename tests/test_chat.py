@@ -13,7 +13,6 @@ import contextlib
 import io
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 

@@ -482,7 +482,7 @@ def test_errors_name_the_problem_and_leave_nothing(tmp_path, ours, tok_dir, monk
 def test_llava_hf_round_trip_keeps_preprocessing_and_logits(tmp_path, tok_dir):
     """A llava-hf model whose processor does not pad (CLIPImageProcessor): imported and exported
     again, transformers' processor gives the same pixels and the model the same logits."""
-    ref = save_ours(tmp_path / "ckpt", tok_dir, seed=5)
+    save_ours(tmp_path / "ckpt", tok_dir, seed=5)
     policy = data.PromptPolicy("llama3", "", pad_to_square=False)
     run("--to", "llava-hf", tmp_path / "ckpt", tmp_path / "x", "--dtype", "float32", "--image-aspect-ratio", "square")
     proc_cfg = json.loads((tmp_path / "x" / "preprocessor_config.json").read_text())
